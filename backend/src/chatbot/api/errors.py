@@ -1,0 +1,78 @@
+"""Turns every error into the OpenAI-shaped JSON body ``{"error": {type, message, code}}``."""
+
+from __future__ import annotations
+
+import logging
+import math
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatbot.models.errors import ChatbotError
+from chatbot.models.schemas import ErrorDetail, ErrorResponse
+
+logger = logging.getLogger(__name__)
+
+_HTTP_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+}
+
+
+def error_body(error: ChatbotError) -> dict[str, object]:
+    detail = ErrorDetail(type=error.type, message=error.message, code=error.code)
+    return ErrorResponse(error=detail).model_dump()
+
+
+def error_response(
+    status: int, type_: str, message: str, code: str, retry_after: float | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": str(math.ceil(retry_after))} if retry_after else None
+    if status == HTTPStatus.UNAUTHORIZED:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    body = ErrorResponse(error=ErrorDetail(type=type_, message=message, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+async def _chatbot_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ChatbotError)
+    if exc.status >= 500:
+        logger.warning("%s: %s", exc.code, exc.message)
+    return error_response(exc.status, exc.type, exc.message, exc.code, exc.retry_after)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "invalid_request_error", "the body is not valid JSON",
+                              "invalid_json")
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg"))
+    return error_response(422, "invalid_request_error", message, "validation_error")
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
+    type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
+    return error_response(exc.status_code, type_, str(exc.detail), phrase)
+
+
+async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=exc)
+    return error_response(500, "server_error", "internal server error", "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ChatbotError, _chatbot_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,154 @@
+"""The native conversation API: conversations, their messages, and streamed turns."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response, status
+
+from chatbot.api.deps import ConversationsDep, CurrentUser
+from chatbot.api.errors import error_body
+from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
+from chatbot.models.domain import Conversation, Message
+from chatbot.models.schemas import (
+    ConversationCreate,
+    ConversationList,
+    ConversationOut,
+    ConversationUpdate,
+    ErrorResponse,
+    MessageCreate,
+    MessageList,
+    MessageOut,
+)
+from chatbot.services.conversations import (
+    Turn,
+    TurnDelta,
+    TurnEnded,
+    TurnFailed,
+    TurnStarted,
+)
+
+router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)
+}
+
+_STREAM_DOC = """With `"stream": true` (the default) the answer streams as Server-Sent Events:
+`message.start` `{conversation_id, message_id}`, `token` `{delta}` (many), then either
+`message.end` `{message_id, content, usage, timing}` or `error` `{error: {type, message}}`.
+With `"stream": false` the answer comes back as one JSON message."""
+
+
+def _out(conversation: Conversation) -> ConversationOut:
+    return ConversationOut.model_validate(conversation, from_attributes=True)
+
+
+def _message_out(message: Message) -> MessageOut:
+    return MessageOut.model_validate(message, from_attributes=True)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, responses=_ERRORS)
+async def create_conversation(
+    body: ConversationCreate, user: CurrentUser, conversations: ConversationsDep
+) -> ConversationOut:
+    return _out(await conversations.create(user, title=body.title, agent=body.agent))
+
+
+@router.get("", responses=_ERRORS)
+async def list_conversations(
+    user: CurrentUser,
+    conversations: ConversationsDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="The last id of the previous page.")] = None,
+) -> ConversationList:
+    page, has_more = await conversations.recent(user, limit=limit, after=after)
+    return ConversationList(data=[_out(c) for c in page], has_more=has_more)
+
+
+@router.get("/{conversation_id}", responses=_ERRORS)
+async def get_conversation(
+    conversation_id: str, user: CurrentUser, conversations: ConversationsDep
+) -> ConversationOut:
+    return _out(await conversations.get(user, conversation_id))
+
+
+@router.patch("/{conversation_id}", responses=_ERRORS)
+async def rename_conversation(
+    conversation_id: str, body: ConversationUpdate, user: CurrentUser,
+    conversations: ConversationsDep,
+) -> ConversationOut:
+    return _out(await conversations.rename(user, conversation_id, body.title))
+
+
+@router.delete("/{conversation_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS)
+async def delete_conversation(
+    conversation_id: str, user: CurrentUser, conversations: ConversationsDep
+) -> Response:
+    await conversations.delete(user, conversation_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{conversation_id}/messages", responses=_ERRORS)
+async def list_messages(
+    conversation_id: str, user: CurrentUser, conversations: ConversationsDep
+) -> MessageList:
+    messages = await conversations.messages(user, conversation_id)
+    return MessageList(data=[_message_out(m) for m in messages])
+
+
+@router.post(
+    "/{conversation_id}/messages",
+    response_model=MessageOut,
+    description=_STREAM_DOC,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def send_message(
+    conversation_id: str,
+    body: MessageCreate,
+    user: CurrentUser,
+    conversations: ConversationsDep,
+    request: Request,
+) -> MessageOut | Response:
+    turn = await conversations.start_turn(
+        user, conversation_id, body.content,
+        max_tokens=body.max_tokens, temperature=body.temperature,
+    )
+    if body.stream:
+        return EventStreamResponse(_sse_events(turn), on_close=turn.aclose)
+    try:
+        answer = await until_disconnected(request, _answer(turn))
+    finally:
+        await turn.aclose()
+    if answer is None:
+        return Response(status_code=499)  # the client closed the request
+    return answer
+
+
+async def _answer(turn: Turn) -> MessageOut:
+    async for event in turn.events():
+        if isinstance(event, TurnFailed):
+            raise event.error
+        if isinstance(event, TurnEnded):
+            return _message_out(event.message)
+    raise AssertionError("a turn always ends with TurnEnded or TurnFailed")
+
+
+async def _sse_events(turn: Turn) -> AsyncIterator[str]:
+    async for event in turn.events():
+        match event:
+            case TurnStarted(conversation_id=conversation_id, message_id=message_id):
+                yield sse("message.start",
+                          {"conversation_id": conversation_id, "message_id": message_id})
+            case TurnDelta(text=text):
+                yield sse("token", {"delta": text})
+            case TurnEnded(message=message):
+                yield sse("message.end", {
+                    "message_id": message.id,
+                    "content": message.content,
+                    "usage": message.usage.model_dump() if message.usage else None,
+                    "timing": message.timing.model_dump() if message.timing else None,
+                })
+            case TurnFailed(error=error):
+                yield sse("error", error_body(error))

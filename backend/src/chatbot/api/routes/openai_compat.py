@@ -1,0 +1,139 @@
+"""The OpenAI-compatible API: ``/v1/chat/completions`` and ``/v1/models``.
+
+Stateless, as OpenAI's is: the client sends the whole conversation each time, and the
+engine's prefix cache finds what it has already read.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+from uuid import uuid4
+
+from fastapi import APIRouter, Request, Response
+
+from chatbot.api.deps import CurrentUser, GenerationsDep
+from chatbot.api.errors import error_body
+from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
+from chatbot.engines.base import Finished, TokenDelta
+from chatbot.models.domain import ChatMessage
+from chatbot.models.errors import ChatbotError, EngineFailure, NotFound
+from chatbot.models.schemas import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    CompletionUsage,
+    Delta,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+)
+from chatbot.services.generation import MeteredGeneration
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 500, 503)
+}
+_STARTED = int(time.time())
+
+
+@router.get("/models", responses=_ERRORS)
+async def list_models(_: CurrentUser, generations: GenerationsDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=generations.engine.model_id, created=_STARTED)])
+
+
+def _usage(finished: Finished) -> CompletionUsage:
+    u = finished.usage
+    return CompletionUsage(
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
+        total_tokens=u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=u.cached_tokens),
+    )
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def create_chat_completion(
+    body: ChatCompletionRequest, user: CurrentUser, generations: GenerationsDep,
+    request: Request,
+) -> ChatCompletion | Response:
+    model_id = generations.engine.model_id
+    if body.model != model_id:
+        raise NotFound(f"the model {body.model!r} does not exist; this server serves "
+                       f"{model_id!r}", code="model_not_found")
+    messages = [
+        ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
+        for m in body.messages
+    ]
+    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    sampling = generations.sampling(
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
+    )
+    generation = await generations.start(user, messages, sampling)
+    completion_id = f"chatcmpl-{uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        chunks = _chunks(generation, completion_id, created, model_id, include_usage)
+        return EventStreamResponse(chunks, on_close=generation.aclose)
+    try:
+        result = await until_disconnected(
+            request, _complete(generation, completion_id, created, model_id)
+        )
+    finally:
+        await generation.aclose()
+    return Response(status_code=499) if result is None else result
+
+
+async def _complete(
+    generation: MeteredGeneration, completion_id: str, created: int, model_id: str
+) -> ChatCompletion:
+    parts: list[str] = []
+    async for event in generation.events():
+        if isinstance(event, TokenDelta):
+            parts.append(event.text)
+        else:
+            return ChatCompletion(
+                id=completion_id, created=created, model=model_id,
+                choices=[Choice(message=AssistantMessage(content="".join(parts)),
+                                finish_reason=event.finish_reason)],
+                usage=_usage(event),
+            )
+    raise EngineFailure("the engine ended without finishing the answer")
+
+
+async def _chunks(
+    generation: MeteredGeneration, completion_id: str, created: int, model_id: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(delta: Delta, finish: Any = None, usage: CompletionUsage | None = None) -> str:
+        choices = [] if usage else [ChunkChoice(delta=delta, finish_reason=finish)]
+        body = ChatCompletionChunk(
+            id=completion_id, created=created, model=model_id, choices=choices, usage=usage
+        )
+        return sse(None, body.model_dump_json(exclude_none=True))
+
+    yield chunk(Delta(role="assistant", content=""))
+    try:
+        async for event in generation.events():
+            if isinstance(event, TokenDelta):
+                yield chunk(Delta(content=event.text))
+            else:
+                yield chunk(Delta(), finish=event.finish_reason)
+                if include_usage:
+                    yield chunk(Delta(), usage=_usage(event))
+    except ChatbotError as exc:
+        # Headers are sent already: the error travels in the stream, as vLLM's does.
+        yield sse(None, error_body(exc))
+    yield sse(None, "[DONE]")

@@ -1,0 +1,69 @@
+"""The ``chatbot`` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+import yaml
+
+from chatbot.config import Settings
+
+app = typer.Typer(
+    help="lmcache-chatbot: a chatbot backend that reuses the KV cache of what it has read.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+logger = logging.getLogger("chatbot")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind (CHATBOT_HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (CHATBOT_PORT).")] = None,
+) -> None:
+    """Start the API server on the configured engine (default: embedded llama.cpp)."""
+    from chatbot.api.app import create_app
+    from chatbot.observability.logging import configure_logging
+
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    configure_logging(settings.log_level)
+    shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
+    logger.info("chatbot listening on http://%s:%d  (API docs: /docs, OpenAI base URL: /v1)",
+                shown, settings.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, access_log=False)
+
+
+@app.command()
+def model() -> None:
+    """Assemble the bundled GGUF into the cache directory (checked by sha256), print its path."""
+    from chatbot.engines.model_files import resolve_model_path
+
+    settings = Settings()
+    typer.echo(resolve_model_path(settings.model_path, settings.cache_dir))
+
+
+@app.command()
+def openapi(
+    output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Print the API's OpenAPI schema as YAML (the contract in specs/ is made with this)."""
+    from chatbot.api.app import create_app
+
+    schema = create_app(Settings()).openapi()
+    text = yaml.safe_dump(json.loads(json.dumps(schema)), sort_keys=False, allow_unicode=True)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,122 @@
+"""The one validated configuration object, read from ``CHATBOT_*`` variables and ``.env``.
+
+It is read once at start-up (``Settings()``) and passed down; nothing else reads the
+environment. Unsafe or inconsistent values refuse to start instead of falling back.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOCAL_USER = "local"
+
+
+class EngineKind(StrEnum):
+    """The engines a server can run; the values are the CLI and ``CHATBOT_ENGINE`` choices."""
+
+    EMBEDDED = "embedded"
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "lmcache-chatbot"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CHATBOT_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    # --- server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict,
+        repr=False,
+        description="Bearer keys mapped to user names: 'key1=alice,key2=bob'. "
+        "Empty: one local user, loopback only.",
+    )
+
+    # --- engine
+    engine: EngineKind = EngineKind.EMBEDDED
+    model_path: Path | None = Field(
+        default=None, description="Any GGUF file; unset: the bundled Gemma 3 270M Q4_K_M."
+    )
+    model_id: str = Field(
+        default="", description="Model name served on /v1/models; default: the GGUF file's stem."
+    )
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    context_tokens: int = Field(default=8192, ge=512, le=131072)
+    batch_tokens: int = Field(default=512, ge=32, le=8192)
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    few_shot: bool = Field(
+        default=True,
+        description="Prefix prompts with a few-shot chat preamble (needed by base models).",
+    )
+
+    # --- generation defaults
+    system_prompt: str = (
+        "You are a helpful, concise assistant. Answer the user's question directly."
+    )
+    max_tokens: int = Field(default=256, ge=1)
+    max_tokens_limit: int = Field(default=2048, ge=1)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+
+    # --- limits
+    queue_size: int = Field(default=32, ge=0, description="Requests waiting for the engine.")
+    max_streams_per_user: int = Field(default=4, ge=1)
+    max_message_chars: int = Field(default=32_000, ge=1)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, sep, user = item.partition("=")
+            key, user = key.strip(), user.strip()
+            if not sep or not key or not user:
+                raise ValueError("CHATBOT_API_KEYS must look like 'key1=alice,key2=bob'")
+            if len(key) < 16:
+                raise ValueError(f"the API key of user {user!r} is shorter than 16 characters")
+            if key in keys:
+                raise ValueError(f"an API key is given twice (users {keys[key]!r}, {user!r})")
+            keys[key] = user
+        return keys
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        if not self.api_keys and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to listen on {self.host} without CHATBOT_API_KEYS: "
+                "the keyless local mode binds to loopback only"
+            )
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError("CHATBOT_MAX_TOKENS exceeds CHATBOT_MAX_TOKENS_LIMIT")
+        if self.model_path is not None and not self.model_path.is_file():
+            raise ValueError(f"CHATBOT_MODEL_PATH {self.model_path} is not a file")
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)

@@ -1,0 +1,1 @@
+"""Engines: one protocol (``base``), several implementations, picked by name in ``factory``."""

@@ -1,0 +1,99 @@
+"""The engine protocol: every engine turns a chat prompt into a stream of token deltas.
+
+An engine is used in two steps so that a request it cannot take fails fast, before a
+response has started::
+
+    generation = await engine.submit(request)   # may raise EngineOverloaded, ...
+    async with generation:                      # leaving it early cancels generation
+        async for event in generation:          # TokenDelta ..., then one Finished
+            ...
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, Self
+
+from chatbot.models.domain import ChatMessage, Timing, Usage
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    usage: Usage
+    timing: Timing
+    finish_reason: FinishReason
+
+
+EngineEvent = TokenDelta | Finished
+
+
+class Generation(ABC):
+    """A submitted request: iterate it for events; closing it early cancels the work."""
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[EngineEvent]: ...
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Cancel if still running and wait until the engine no longer works on it."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class Engine(ABC):
+    model_id: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load the model or connect; called once by the app's lifespan."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Cancel what is running and release the model or connections."""
+
+    @property
+    @abstractmethod
+    def ready(self) -> bool: ...
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests submitted and waiting for the engine."""
+        return 0
+
+    @abstractmethod
+    async def submit(self, request: GenerationRequest) -> Generation:
+        """Admit a request or raise at once (overloaded, prompt too long, not ready)."""

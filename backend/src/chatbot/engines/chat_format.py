@@ -1,0 +1,56 @@
+"""How the embedded engine lays a chat out as text for a base model.
+
+Gemma 3 270M is a base model: it ignores Gemma's chat tokens but continues a plain
+``User:``/``Assistant:`` transcript well once a few example exchanges show it how. The
+prompt is a list of segments tokenized one by one, so that the prompt of turn k+1 starts
+with exactly the tokens of turn k's prompt: a message renders to the same tokens whatever
+follows it, which is what lets the KV cache of earlier turns be reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from chatbot.models.domain import ChatMessage
+
+USER_PREFIX = "User:"
+ASSISTANT_PREFIX = "Assistant:"
+STOPS = ("\nUser:", "\nAssistant:")
+
+FEW_SHOT: tuple[tuple[str, str], ...] = (
+    ("Hi! Who are you?", "Hello! I am an AI assistant. How can I help you today?"),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    (
+        "Give me one tip for sleeping better.",
+        "Keep a regular schedule: go to bed and wake up at the same time every day.",
+    ),
+    (
+        "How do I reverse a list in Python?",
+        "Use slicing, `items[::-1]`, for a reversed copy, or `items.reverse()` to reverse "
+        "the list in place.",
+    ),
+    ("What is 12 times 3?", "12 times 3 is 36."),
+)
+
+DEFAULT_HEADER = "The following is a conversation between a user and a helpful, concise AI assistant."
+
+
+def render(messages: Sequence[ChatMessage], *, few_shot: bool) -> list[str]:
+    """The prompt as text segments; the last one leaves the assistant to speak."""
+    system = [m.content for m in messages if m.role == "system"]
+    header = "\n\n".join(system) if system else DEFAULT_HEADER
+    segments = [header + "\n\n"]
+    if few_shot:
+        for question, answer in FEW_SHOT:
+            segments += _exchange(question, answer)
+    for message in messages:
+        if message.role == "user":
+            segments += [USER_PREFIX, f" {message.content.strip()}\n"]
+        elif message.role == "assistant":
+            segments += [ASSISTANT_PREFIX, f" {message.content.strip()}\n\n"]
+    segments.append(ASSISTANT_PREFIX)
+    return segments
+
+
+def _exchange(question: str, answer: str) -> list[str]:
+    return [USER_PREFIX, f" {question}\n", ASSISTANT_PREFIX, f" {answer}\n\n"]

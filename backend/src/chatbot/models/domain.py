@@ -1,0 +1,70 @@
+"""Domain types shared by the services, the engines and the API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+from uuid import uuid4
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Role = Literal["system", "user", "assistant"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid4().hex}"
+
+
+class ChatMessage(BaseModel):
+    """One message of a prompt, as an engine receives it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    content: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0, description="Tokens in the prompt.")
+    cached_tokens: int = Field(
+        ge=0, description="Prompt tokens whose KV state was reused, not recomputed."
+    )
+    completion_tokens: int = Field(ge=0, description="Tokens generated.")
+
+
+class Timing(BaseModel):
+    queue_ms: float = Field(ge=0, description="Waiting for the engine.")
+    prefill_ms: float = Field(ge=0, description="Computing the uncached prompt tokens.")
+    ttft_ms: float = Field(ge=0, description="From admission to the first token.")
+    total_ms: float = Field(ge=0, description="From admission to the last token.")
+
+
+class MessageStatus(StrEnum):
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"  # the client went away or stopped it; the partial answer is kept
+    FAILED = "failed"  # the engine failed; left out of later prompts
+
+
+class Conversation(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("conv"))
+    user_id: str
+    title: str
+    agent: str
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Message(BaseModel):
+    id: str = Field(default_factory=lambda: new_id("msg"))
+    conversation_id: str
+    role: Role
+    content: str
+    status: MessageStatus = MessageStatus.COMPLETE
+    created_at: datetime = Field(default_factory=utcnow)
+    usage: Usage | None = None
+    timing: Timing | None = None

@@ -1,0 +1,72 @@
+"""Every Prometheus metric of the product, in one registry owned by the app (no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from chatbot.models.domain import Timing, Usage
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "chatbot_ttft_seconds", "Time from admission to the first streamed token.",
+            ["engine"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prefill = Histogram(
+            "chatbot_prefill_seconds", "Time spent computing the uncached prompt tokens.",
+            ["engine"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "chatbot_prompt_tokens", "Prompt tokens of finished generations.", ["engine"],
+            registry=r,
+        )
+        self.cached_tokens = Counter(
+            "chatbot_cached_tokens",
+            "Prompt tokens whose KV state was reused instead of recomputed.", ["engine"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "chatbot_completion_tokens", "Generated tokens.", ["engine"], registry=r
+        )
+        self.generations = Counter(
+            "chatbot_generations", "Generations by outcome.", ["engine", "outcome"], registry=r
+        )
+        self.requests = Counter(
+            "chatbot_requests", "HTTP requests by route and status.", ["route", "status"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "chatbot_active_streams", "Responses being generated right now.", registry=r
+        )
+        self.queue_depth = Gauge(
+            "chatbot_engine_queue_depth", "Requests waiting for the engine.", registry=r
+        )
+
+    def observe_generation(self, engine: str, usage: Usage, timing: Timing) -> None:
+        self.ttft.labels(engine).observe(timing.ttft_ms / 1000)
+        self.prefill.labels(engine).observe(timing.prefill_ms / 1000)
+        self.prompt_tokens.labels(engine).inc(usage.prompt_tokens)
+        self.cached_tokens.labels(engine).inc(usage.cached_tokens)
+        self.completion_tokens.labels(engine).inc(usage.completion_tokens)
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+
+    @contextmanager
+    def stream(self) -> Iterator[None]:
+        self.active_streams.inc()
+        try:
+            yield
+        finally:
+            self.active_streams.dec()
+
+    def export(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Conversation and turn lifecycle, stores and limits: what the API's routes call."""

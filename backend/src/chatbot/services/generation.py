@@ -1,0 +1,112 @@
+"""Runs one generation on the engine with the product's bookkeeping around it: request
+defaults and limits, the per-user stream limit, and the metrics of what it did."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from chatbot.config import Settings
+from chatbot.engines.base import (
+    Engine,
+    EngineEvent,
+    Finished,
+    Generation,
+    GenerationRequest,
+    SamplingParams,
+)
+from chatbot.models.domain import ChatMessage
+from chatbot.models.errors import InvalidRequest
+from chatbot.observability.metrics import Metrics
+from chatbot.services.limits import StreamLimiter
+
+logger = logging.getLogger(__name__)
+
+
+class MeteredGeneration:
+    """An engine generation that counts itself and gives back its user's stream slot."""
+
+    def __init__(
+        self, generation: Generation, *, engine_name: str, metrics: Metrics,
+        release: Callable[[], None],
+    ) -> None:
+        self._generation = generation
+        self._engine_name = engine_name
+        self._metrics = metrics
+        self._release = release
+        self.finished: Finished | None = None
+
+    async def events(self) -> AsyncIterator[EngineEvent]:
+        outcome = "cancelled"
+        try:
+            with self._metrics.stream():
+                async for event in self._generation:
+                    if isinstance(event, Finished):
+                        self.finished = event
+                        outcome = "complete"
+                        self._metrics.observe_generation(
+                            self._engine_name, event.usage, event.timing
+                        )
+                    yield event
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            await self.aclose()
+            self._metrics.generations.labels(self._engine_name, outcome).inc()
+
+    async def aclose(self) -> None:
+        try:
+            await self._generation.aclose()
+        finally:
+            self._release()
+
+
+class GenerationService:
+    def __init__(
+        self, engine: Engine, settings: Settings, metrics: Metrics, limiter: StreamLimiter
+    ) -> None:
+        self.engine = engine
+        self._settings = settings
+        self._metrics = metrics
+        self._limiter = limiter
+
+    def sampling(
+        self,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> SamplingParams:
+        limit = self._settings.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            raise InvalidRequest(
+                f"max_tokens is {max_tokens}; this server allows at most {limit}",
+                code="max_tokens_too_large",
+            )
+        return SamplingParams(
+            max_tokens=max_tokens or self._settings.max_tokens,
+            temperature=self._settings.temperature if temperature is None else temperature,
+            top_p=self._settings.top_p if top_p is None else top_p,
+            stop=tuple(stop),
+            seed=seed,
+        )
+
+    async def start(
+        self, user_id: str, messages: Sequence[ChatMessage], sampling: SamplingParams
+    ) -> MeteredGeneration:
+        """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long)."""
+        release = self._limiter.acquire(user_id)
+        try:
+            generation = await self.engine.submit(
+                GenerationRequest(messages=tuple(messages), sampling=sampling)
+            )
+        except BaseException:
+            release()
+            raise
+        return MeteredGeneration(
+            generation, engine_name=self._settings.engine.value, metrics=self._metrics,
+            release=release,
+        )

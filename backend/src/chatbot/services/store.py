@@ -1,0 +1,101 @@
+"""The conversation store: an interface, and the in-memory implementation (the default).
+
+Every read and write takes the owner's user id, so that no code path can reach another
+user's conversation: to a caller, someone else's conversation does not exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+
+from chatbot.models.domain import Conversation, Message, utcnow
+from chatbot.models.errors import NotFound
+
+
+class ConversationStore(ABC):
+    @abstractmethod
+    async def create(self, conversation: Conversation) -> None: ...
+
+    @abstractmethod
+    async def get(self, user_id: str, conversation_id: str) -> Conversation:
+        """Raises NotFound if it does not exist or belongs to someone else."""
+
+    @abstractmethod
+    async def recent(
+        self, user_id: str, *, limit: int, after: str | None
+    ) -> tuple[list[Conversation], bool]:
+        """The user's conversations, newest first, from just after ``after``; and whether
+        more follow."""
+
+    @abstractmethod
+    async def rename(self, user_id: str, conversation_id: str, title: str) -> Conversation: ...
+
+    @abstractmethod
+    async def delete(self, user_id: str, conversation_id: str) -> None: ...
+
+    @abstractmethod
+    async def add_message(self, user_id: str, message: Message) -> None: ...
+
+    @abstractmethod
+    async def messages(self, user_id: str, conversation_id: str) -> list[Message]: ...
+
+
+class InMemoryStore(ConversationStore):
+    def __init__(self) -> None:
+        self._conversations: dict[str, Conversation] = {}
+        self._messages: dict[str, list[Message]] = {}
+        self._lock = asyncio.Lock()
+
+    def _owned(self, user_id: str, conversation_id: str) -> Conversation:
+        conversation = self._conversations.get(conversation_id)
+        if conversation is None or conversation.user_id != user_id:
+            raise NotFound(f"no conversation {conversation_id!r}", code="conversation_not_found")
+        return conversation
+
+    async def create(self, conversation: Conversation) -> None:
+        async with self._lock:
+            self._conversations[conversation.id] = conversation
+            self._messages[conversation.id] = []
+
+    async def get(self, user_id: str, conversation_id: str) -> Conversation:
+        return self._owned(user_id, conversation_id)
+
+    async def recent(
+        self, user_id: str, *, limit: int, after: str | None
+    ) -> tuple[list[Conversation], bool]:
+        mine = sorted(
+            (c for c in self._conversations.values() if c.user_id == user_id),
+            key=lambda c: (c.created_at, c.id),
+            reverse=True,
+        )
+        if after is not None:
+            cursor = self._owned(user_id, after)
+            mine = [c for c in mine if (c.created_at, c.id) < (cursor.created_at, cursor.id)]
+        return mine[:limit], len(mine) > limit
+
+    async def rename(self, user_id: str, conversation_id: str, title: str) -> Conversation:
+        async with self._lock:
+            renamed = self._owned(user_id, conversation_id).model_copy(
+                update={"title": title, "updated_at": utcnow()}
+            )
+            self._conversations[conversation_id] = renamed
+            return renamed
+
+    async def delete(self, user_id: str, conversation_id: str) -> None:
+        async with self._lock:
+            self._owned(user_id, conversation_id)
+            del self._conversations[conversation_id]
+            del self._messages[conversation_id]
+
+    async def add_message(self, user_id: str, message: Message) -> None:
+        async with self._lock:
+            conversation = self._owned(user_id, message.conversation_id)
+            self._messages[conversation.id].append(message)
+            self._conversations[conversation.id] = conversation.model_copy(
+                update={"updated_at": message.created_at}
+            )
+
+    async def messages(self, user_id: str, conversation_id: str) -> list[Message]:
+        self._owned(user_id, conversation_id)
+        return list(self._messages[conversation_id])
