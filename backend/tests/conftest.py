@@ -1,0 +1,101 @@
+"""Shared fixtures: the real bundled model, and a real server on loopback driven over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from chatbot.api.app import create_app
+from chatbot.api.deps import Services
+from chatbot.config import Settings
+from chatbot.engines.model_files import bundled_model_path
+
+ALICE_KEY = "alice-key-0123456789abcdef"
+BOB_KEY = "bob-key-0123456789abcdef00"
+CAROL_KEY = "carol-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    cache = Path(os.environ.get("CHATBOT_CACHE_DIR", Path.home() / ".cache" / "lmcache-chatbot"))
+    return bundled_model_path(cache)
+
+
+def make_settings(model_path: Path, **overrides: object) -> Settings:
+    """Settings for tests: small limits, short answers, greedy decoding, three users."""
+    values: dict[str, object] = {
+        "model_path": model_path,
+        "api_keys": f"{ALICE_KEY}=alice,{BOB_KEY}=bob,{CAROL_KEY}=carol",
+        "context_tokens": 4096,
+        "max_tokens": 32,
+        "temperature": 0.0,
+        "queue_size": 1,
+        "max_streams_per_user": 2,
+        "max_message_chars": 4000,
+        "max_body_bytes": 64 * 1024,
+        "threads": os.cpu_count() or 1,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LiveServer:
+    url: str
+    app: FastAPI
+
+    @property
+    def services(self) -> Services:
+        services: Services = self.app.state.services
+        return services
+
+    def client(self, key: str | None = ALICE_KEY, **kwargs: object) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+    def async_client(self, key: str | None = ALICE_KEY) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=60)
+
+
+def serve_in_thread(app: FastAPI) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server(model_path: Path) -> Iterator[LiveServer]:
+    """One real server on the real model for the whole session (loading it once)."""
+    app = create_app(make_settings(model_path))
+    for url in serve_in_thread(app):
+        yield LiveServer(url=url, app=app)
