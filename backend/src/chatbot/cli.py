@@ -35,10 +35,18 @@ def serve(
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
-    logger.info("chatbot listening on http://%s:%d  (API docs: /docs, OpenAI base URL: /v1)",
-                shown, settings.port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, access_log=False)
+    logger.info(
+        "chatbot listening on http://%s:%d  (API docs: /docs, OpenAI base URL: /v1)",
+        shown,
+        settings.port,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+    )
 
 
 @app.command()

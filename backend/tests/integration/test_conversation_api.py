@@ -3,7 +3,6 @@ disconnects, isolation."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import httpx
@@ -12,6 +11,7 @@ import pytest
 from chatbot.engines.embedded import EmbeddedEngine
 from tests.conftest import BOB_KEY, LiveServer
 from tests.sse import parse_events
+from tests.waiting import wait_until
 
 
 def new_conversation(client: httpx.Client, **body: Any) -> str:
@@ -21,10 +21,12 @@ def new_conversation(client: httpx.Client, **body: Any) -> str:
     return conversation_id
 
 
-def stream_turn(client: httpx.Client, conversation_id: str, content: str,
-                **extra: Any) -> list[tuple[str, Any]]:
-    with client.stream("POST", f"/v1/conversations/{conversation_id}/messages",
-                       json={"content": content, **extra}) as response:
+def stream_turn(
+    client: httpx.Client, conversation_id: str, content: str, **extra: Any
+) -> list[tuple[str, Any]]:
+    with client.stream(
+        "POST", f"/v1/conversations/{conversation_id}/messages", json={"content": content, **extra}
+    ) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
         return list(parse_events(response.iter_lines()))
@@ -41,13 +43,15 @@ def test_streamed_turn_sends_start_tokens_and_end(live_server: LiveServer) -> No
         events = stream_turn(client, conversation_id, "What is the capital of Italy?")
 
     names = [name for name, _ in events]
-    assert names[0] == "message.start" and names[-1] == "message.end"
+    assert names[0] == "message.start"
+    assert names[-1] == "message.end"
     assert names.count("token") >= 2, "tokens must stream one by one"
     start, end = events[0][1], events[-1][1]
     assert start["conversation_id"] == conversation_id
     assert end["message_id"] == start["message_id"]
     streamed = "".join(data["delta"] for name, data in events if name == "token")
-    assert end["content"] == streamed and streamed.strip()
+    assert end["content"] == streamed
+    assert streamed.strip()
     assert end["usage"]["prompt_tokens"] > 100  # the few-shot preamble alone is longer
     assert end["usage"]["completion_tokens"] >= 1
     timing = end["timing"]
@@ -75,19 +79,23 @@ def test_second_turn_reuses_the_first_turns_kv_cache(live_server: LiveServer) ->
     assert prompt_evaluated == usage2["prompt_tokens"] - usage2["cached_tokens"]
 
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
-    assert stored[3]["usage"] == usage2 and stored[3]["status"] == "complete"
+    assert stored[3]["usage"] == usage2
+    assert stored[3]["status"] == "complete"
     assert stored[3]["content"] == second["content"]
 
 
 def test_non_streamed_turn_returns_the_stored_message(live_server: LiveServer) -> None:
     with live_server.client() as client:
         conversation_id = new_conversation(client)
-        response = client.post(f"/v1/conversations/{conversation_id}/messages",
-                               json={"content": "Say hello.", "stream": False})
+        response = client.post(
+            f"/v1/conversations/{conversation_id}/messages",
+            json={"content": "Say hello.", "stream": False},
+        )
         assert response.status_code == 200, response.text
         message = response.json()
         stored = client.get(f"/v1/conversations/{conversation_id}/messages").json()["data"]
-    assert message["role"] == "assistant" and message["status"] == "complete"
+    assert message["role"] == "assistant"
+    assert message["status"] == "complete"
     assert stored[-1] == message
 
 
@@ -95,19 +103,22 @@ def test_a_client_that_disconnects_frees_the_engine(live_server: LiveServer) -> 
     with live_server.client() as client:
         conversation_id = new_conversation(client)
         with client.stream(
-            "POST", f"/v1/conversations/{conversation_id}/messages",
-            json={"content": "Count from one to five hundred, in words.",
-                  "max_tokens": 1500, "temperature": 0.0},
+            "POST",
+            f"/v1/conversations/{conversation_id}/messages",
+            json={
+                "content": "Count from one to five hundred, in words.",
+                "max_tokens": 1500,
+                "temperature": 0.0,
+            },
         ) as response:
             for name, _ in parse_events(response.iter_lines()):
                 if name == "token":
                     break  # leave after the first token: the body is closed unread
-        # 1,500 tokens would take the engine tens of seconds: it must stop much sooner.
-        deadline = time.monotonic() + 10
-        while engine(live_server).busy and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not engine(live_server).busy
-        stored = client.get(f"/v1/conversations/{conversation_id}/messages").json()["data"]
+        # 1,500 tokens would keep the engine busy for over half a minute.
+        wait_until(lambda: not engine(live_server).busy, timeout=10)
+        path = f"/v1/conversations/{conversation_id}/messages"
+        wait_until(lambda: len(client.get(path).json()["data"]) == 2)
+        stored = client.get(path).json()["data"]
         assert stored[-1]["role"] == "assistant"
         assert stored[-1]["status"] == "cancelled"
         assert stored[-1]["content"], "what was streamed before the disconnect is kept"
@@ -139,12 +150,15 @@ def test_conversations_crud_and_pagination(live_server: LiveServer) -> None:
     with live_server.client(BOB_KEY) as bob:
         ids = [new_conversation(bob, title=f"c{i}") for i in range(3)]
         page = bob.get("/v1/conversations", params={"limit": 2}).json()
-        assert [c["id"] for c in page["data"]] == ids[::-1][:2] and page["has_more"]
-        rest = bob.get("/v1/conversations",
-                       params={"limit": 2, "after": page["data"][-1]["id"]}).json()
+        assert [c["id"] for c in page["data"]] == ids[::-1][:2]
+        assert page["has_more"]
+        rest = bob.get(
+            "/v1/conversations", params={"limit": 2, "after": page["data"][-1]["id"]}
+        ).json()
         assert rest["data"][0]["id"] == ids[0]
         renamed = bob.patch(f"/v1/conversations/{ids[0]}", json={"title": "renamed"})
-        assert renamed.status_code == 200 and renamed.json()["title"] == "renamed"
+        assert renamed.status_code == 200
+        assert renamed.json()["title"] == "renamed"
         assert bob.delete(f"/v1/conversations/{ids[0]}").status_code == 204
         assert bob.get(f"/v1/conversations/{ids[0]}").status_code == 404
 

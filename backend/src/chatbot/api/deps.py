@@ -44,8 +44,9 @@ def get_current_user(
     if not keys:
         return LOCAL_USER
     if credentials is None:
-        raise AuthenticationFailed("an API key is required: 'Authorization: Bearer <key>'",
-                                   code="missing_api_key")
+        raise AuthenticationFailed(
+            "an API key is required: 'Authorization: Bearer <key>'", code="missing_api_key"
+        )
     offered = credentials.credentials.encode()
     user: str | None = None
     # Every key is compared, in constant time, so the time taken says nothing about them.

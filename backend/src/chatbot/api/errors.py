@@ -51,8 +51,9 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
-        return error_response(400, "invalid_request_error", "the body is not valid JSON",
-                              "invalid_json")
+        return error_response(
+            400, "invalid_request_error", "the body is not valid JSON", "invalid_json"
+        )
     first = errors[0] if errors else {}
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
     message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg"))

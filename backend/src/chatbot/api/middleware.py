@@ -83,12 +83,23 @@ class RequestContextMiddleware:
         return replay
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps({"error": {
-            "type": "invalid_request_error",
-            "message": f"the request body exceeds {self._max_body_bytes} bytes",
-            "code": "payload_too_large",
-        }}).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        ]})
+        body = json.dumps(
+            {
+                "error": {
+                    "type": "invalid_request_error",
+                    "message": f"the request body exceeds {self._max_body_bytes} bytes",
+                    "code": "payload_too_large",
+                }
+            }
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})

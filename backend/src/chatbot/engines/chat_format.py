@@ -32,7 +32,9 @@ FEW_SHOT: tuple[tuple[str, str], ...] = (
     ("What is 12 times 3?", "12 times 3 is 36."),
 )
 
-DEFAULT_HEADER = "The following is a conversation between a user and a helpful, concise AI assistant."
+DEFAULT_HEADER = (
+    "The following is a conversation between a user and a helpful, concise AI assistant."
+)
 
 
 def render(messages: Sequence[ChatMessage], *, few_shot: bool) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 import llama_cpp
 
 from chatbot.engines import chat_format
+from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.base import (
     EngineEvent,
     Finished,
@@ -32,7 +33,6 @@ from chatbot.engines.base import (
     SamplingParams,
     TokenDelta,
 )
-from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.stops import StopScanner
 from chatbot.models.domain import Timing, Usage
 from chatbot.models.errors import (
@@ -128,8 +128,12 @@ class LlamaRunner:
         rest = tokens[cached:-1]
         for i in range(0, len(rest), self._batch_tokens):
             if cancelled():
-                return Usage(prompt_tokens=len(tokens), cached_tokens=cached,
-                             completion_tokens=0), None, 0.0, None
+                return (
+                    Usage(prompt_tokens=len(tokens), cached_tokens=cached, completion_tokens=0),
+                    None,
+                    0.0,
+                    None,
+                )
             self._llm.eval(rest[i : i + self._batch_tokens])
 
         if sampling.seed is not None:
@@ -264,8 +268,11 @@ class EmbeddedEngine(EngineBase):
             ),
         )
         self._worker = asyncio.create_task(self._serve(), name="embedded-engine")
-        logger.info("embedded engine ready: %s, %d-token context",
-                    self._model_path.name, self._runner.context_tokens)
+        logger.info(
+            "embedded engine ready: %s, %d-token context",
+            self._model_path.name,
+            self._runner.context_tokens,
+        )
 
     async def aclose(self) -> None:
         for job in [*self._pending, *([self._running] if self._running else [])]:

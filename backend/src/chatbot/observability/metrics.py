@@ -17,20 +17,29 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(
-            "chatbot_ttft_seconds", "Time from admission to the first streamed token.",
-            ["engine"], buckets=LATENCY_BUCKETS, registry=r,
+            "chatbot_ttft_seconds",
+            "Time from admission to the first streamed token.",
+            ["engine"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.prefill = Histogram(
-            "chatbot_prefill_seconds", "Time spent computing the uncached prompt tokens.",
-            ["engine"], buckets=LATENCY_BUCKETS, registry=r,
+            "chatbot_prefill_seconds",
+            "Time spent computing the uncached prompt tokens.",
+            ["engine"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
-            "chatbot_prompt_tokens", "Prompt tokens of finished generations.", ["engine"],
+            "chatbot_prompt_tokens",
+            "Prompt tokens of finished generations.",
+            ["engine"],
             registry=r,
         )
         self.cached_tokens = Counter(
             "chatbot_cached_tokens",
-            "Prompt tokens whose KV state was reused instead of recomputed.", ["engine"],
+            "Prompt tokens whose KV state was reused instead of recomputed.",
+            ["engine"],
             registry=r,
         )
         self.completion_tokens = Counter(
@@ -40,7 +49,9 @@ class Metrics:
             "chatbot_generations", "Generations by outcome.", ["engine", "outcome"], registry=r
         )
         self.requests = Counter(
-            "chatbot_requests", "HTTP requests by route and status.", ["route", "status"],
+            "chatbot_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
             registry=r,
         )
         self.active_streams = Gauge(

@@ -68,8 +68,13 @@ class Turn:
     the iteration ends: complete, cancelled (kept as far as it got) or failed."""
 
     def __init__(
-        self, *, store: ConversationStore, user_id: str, conversation_id: str,
-        generation: MeteredGeneration, on_done: Callable[[], None],
+        self,
+        *,
+        store: ConversationStore,
+        user_id: str,
+        conversation_id: str,
+        generation: MeteredGeneration,
+        on_done: Callable[[], None],
     ) -> None:
         self._store = store
         self._user_id = user_id
@@ -167,8 +172,13 @@ class ConversationService:
         return await self._store.messages(user_id, conversation_id)
 
     async def start_turn(
-        self, user_id: str, conversation_id: str, content: str, *,
-        max_tokens: int | None = None, temperature: float | None = None,
+        self,
+        user_id: str,
+        conversation_id: str,
+        content: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
     ) -> Turn:
         """Admit the user's message; raises before anything is stored if it cannot be
         answered now (too large, conversation busy, limits, engine full)."""
@@ -199,8 +209,11 @@ class ConversationService:
             await generation.aclose()
             raise
         return Turn(
-            store=self._store, user_id=user_id, conversation_id=conversation.id,
-            generation=generation, on_done=lambda: self._running.discard(conversation.id),
+            store=self._store,
+            user_id=user_id,
+            conversation_id=conversation.id,
+            generation=generation,
+            on_done=lambda: self._running.discard(conversation.id),
         )
 
     def _refuse_if_running(self, conversation_id: str) -> None:

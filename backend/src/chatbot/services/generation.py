@@ -27,7 +27,11 @@ class MeteredGeneration:
     """An engine generation that counts itself and gives back its user's stream slot."""
 
     def __init__(
-        self, generation: Generation, *, engine_name: str, metrics: Metrics,
+        self,
+        generation: Generation,
+        *,
+        engine_name: str,
+        metrics: Metrics,
         release: Callable[[], None],
     ) -> None:
         self._generation = generation
@@ -107,6 +111,8 @@ class GenerationService:
             release()
             raise
         return MeteredGeneration(
-            generation, engine_name=self._settings.engine.value, metrics=self._metrics,
+            generation,
+            engine_name=self._settings.engine.value,
+            metrics=self._metrics,
             release=release,
         )

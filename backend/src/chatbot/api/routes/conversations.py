@@ -76,7 +76,9 @@ async def get_conversation(
 
 @router.patch("/{conversation_id}", responses=_ERRORS)
 async def rename_conversation(
-    conversation_id: str, body: ConversationUpdate, user: CurrentUser,
+    conversation_id: str,
+    body: ConversationUpdate,
+    user: CurrentUser,
     conversations: ConversationsDep,
 ) -> ConversationOut:
     return _out(await conversations.rename(user, conversation_id, body.title))
@@ -112,8 +114,11 @@ async def send_message(
     request: Request,
 ) -> MessageOut | Response:
     turn = await conversations.start_turn(
-        user, conversation_id, body.content,
-        max_tokens=body.max_tokens, temperature=body.temperature,
+        user,
+        conversation_id,
+        body.content,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
     )
     if body.stream:
         return EventStreamResponse(_sse_events(turn), on_close=turn.aclose)
@@ -139,16 +144,20 @@ async def _sse_events(turn: Turn) -> AsyncIterator[str]:
     async for event in turn.events():
         match event:
             case TurnStarted(conversation_id=conversation_id, message_id=message_id):
-                yield sse("message.start",
-                          {"conversation_id": conversation_id, "message_id": message_id})
+                yield sse(
+                    "message.start", {"conversation_id": conversation_id, "message_id": message_id}
+                )
             case TurnDelta(text=text):
                 yield sse("token", {"delta": text})
             case TurnEnded(message=message):
-                yield sse("message.end", {
-                    "message_id": message.id,
-                    "content": message.content,
-                    "usage": message.usage.model_dump() if message.usage else None,
-                    "timing": message.timing.model_dump() if message.timing else None,
-                })
+                yield sse(
+                    "message.end",
+                    {
+                        "message_id": message.id,
+                        "content": message.content,
+                        "usage": message.usage.model_dump() if message.usage else None,
+                        "timing": message.timing.model_dump() if message.timing else None,
+                    },
+                )
             case TurnFailed(error=error):
                 yield sse("error", error_body(error))

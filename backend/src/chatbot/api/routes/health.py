@@ -24,5 +24,6 @@ async def readyz(services: ServicesDep) -> dict[str, str]:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(services: ServicesDep) -> Response:
-    return Response(services.metrics.export(),
-                    media_type="text/plain; version=0.0.4; charset=utf-8")
+    return Response(
+        services.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8"
+    )

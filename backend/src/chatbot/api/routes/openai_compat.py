@@ -64,13 +64,17 @@ def _usage(finished: Finished) -> CompletionUsage:
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
 )
 async def create_chat_completion(
-    body: ChatCompletionRequest, user: CurrentUser, generations: GenerationsDep,
+    body: ChatCompletionRequest,
+    user: CurrentUser,
+    generations: GenerationsDep,
     request: Request,
 ) -> ChatCompletion | Response:
     model_id = generations.engine.model_id
     if body.model != model_id:
-        raise NotFound(f"the model {body.model!r} does not exist; this server serves "
-                       f"{model_id!r}", code="model_not_found")
+        raise NotFound(
+            f"the model {body.model!r} does not exist; this server serves {model_id!r}",
+            code="model_not_found",
+        )
     messages = [
         ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
         for m in body.messages
@@ -78,7 +82,10 @@ async def create_chat_completion(
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     sampling = generations.sampling(
         max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=stop,
+        seed=body.seed,
     )
     generation = await generations.start(user, messages, sampling)
     completion_id = f"chatcmpl-{uuid4().hex}"
@@ -105,16 +112,25 @@ async def _complete(
             parts.append(event.text)
         else:
             return ChatCompletion(
-                id=completion_id, created=created, model=model_id,
-                choices=[Choice(message=AssistantMessage(content="".join(parts)),
-                                finish_reason=event.finish_reason)],
+                id=completion_id,
+                created=created,
+                model=model_id,
+                choices=[
+                    Choice(
+                        message=AssistantMessage(content="".join(parts)),
+                        finish_reason=event.finish_reason,
+                    )
+                ],
                 usage=_usage(event),
             )
     raise EngineFailure("the engine ended without finishing the answer")
 
 
 async def _chunks(
-    generation: MeteredGeneration, completion_id: str, created: int, model_id: str,
+    generation: MeteredGeneration,
+    completion_id: str,
+    created: int,
+    model_id: str,
     include_usage: bool,
 ) -> AsyncIterator[str]:
     def chunk(delta: Delta, finish: Any = None, usage: CompletionUsage | None = None) -> str:

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from chatbot.config import Settings
+
+
+def settings(**values: object) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+
+
+def test_api_keys_map_bearer_keys_to_users() -> None:
+    s = settings(api_keys="k-0123456789abcdef=alice, k-fedcba9876543210=bob")
+    assert s.api_keys == {"k-0123456789abcdef": "alice", "k-fedcba9876543210": "bob"}
+    assert s.auth_enabled
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["justakey", "k-0123456789abcdef=", "short=alice", "k-0123456789abcdef=a,k-0123456789abcdef=b"],
+)
+def test_malformed_or_weak_keys_refuse_to_start(value: str) -> None:
+    with pytest.raises(ValidationError):
+        settings(api_keys=value)
+
+
+def test_keyless_mode_binds_to_loopback_only() -> None:
+    assert settings(host="127.0.0.1").auth_enabled is False
+    settings(host="::1")
+    with pytest.raises(ValidationError, match="loopback"):
+        settings(host="0.0.0.0")
+    settings(host="0.0.0.0", api_keys="k-0123456789abcdef=alice")
+
+
+def test_keys_are_not_shown_in_the_settings_repr() -> None:
+    assert "k-0123456789abcdef" not in repr(settings(api_keys="k-0123456789abcdef=alice"))
+
+
+def test_environment_variables_use_the_chatbot_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATBOT_PORT", "9123")
+    monkeypatch.setenv("CHATBOT_MAX_TOKENS", "64")
+    s = settings()
+    assert (s.port, s.max_tokens) == (9123, 64)
+
+
+def test_inconsistent_values_refuse_to_start() -> None:
+    with pytest.raises(ValidationError):
+        settings(max_tokens=4096, max_tokens_limit=1024)
+    with pytest.raises(ValidationError):
+        settings(engine="quantum")
