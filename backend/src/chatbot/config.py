@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     context_tokens: int = Field(default=8192, ge=512, le=131072)
     batch_tokens: int = Field(default=512, ge=32, le=8192)
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    prefix_cache: bool = Field(
+        default=True,
+        description="Reuse the KV cache of the longest common prompt prefix; off: the "
+        "baseline that recomputes every prompt (for benchmarks).",
+    )
     few_shot: bool = Field(
         default=True,
         description="Prefix prompts with a few-shot chat preamble (needed by base models).",

@@ -63,7 +63,13 @@ class LlamaRunner:
     """Owns one llama.cpp context. Not thread-safe: the engine calls it from one thread."""
 
     def __init__(
-        self, model_path: Path, *, context_tokens: int, batch_tokens: int, threads: int
+        self,
+        model_path: Path,
+        *,
+        context_tokens: int,
+        batch_tokens: int,
+        threads: int,
+        prefix_cache: bool = True,
     ) -> None:
         self._llm: Any = llama_cpp.Llama(
             model_path=str(model_path),
@@ -78,6 +84,7 @@ class LlamaRunner:
         )
         self.context_tokens: int = self._llm.n_ctx()
         self._batch_tokens = batch_tokens
+        self._prefix_cache = prefix_cache
 
     def close(self) -> None:
         self._llm.close()
@@ -101,6 +108,9 @@ class LlamaRunner:
 
         At least one prompt token is always evaluated, to produce fresh logits.
         """
+        if not self._prefix_cache:
+            self._llm.reset()
+            return 0
         held = self._llm.input_ids[: self._llm.n_tokens].tolist()
         keep = min(common_prefix_length(held, tokens), len(tokens) - 1)
         if keep > 0 and self._llm._ctx.kv_cache_seq_rm(-1, keep, -1):
@@ -241,8 +251,10 @@ class EmbeddedEngine(EngineBase):
         threads: int,
         queue_size: int,
         few_shot: bool,
+        prefix_cache: bool = True,
     ) -> None:
         self.model_id = model_id
+        self._prefix_cache = prefix_cache
         self._model_path = model_path
         self._context_tokens = context_tokens
         self._batch_tokens = batch_tokens
@@ -265,6 +277,7 @@ class EmbeddedEngine(EngineBase):
                 context_tokens=self._context_tokens,
                 batch_tokens=self._batch_tokens,
                 threads=self._threads,
+                prefix_cache=self._prefix_cache,
             ),
         )
         self._worker = asyncio.create_task(self._serve(), name="embedded-engine")

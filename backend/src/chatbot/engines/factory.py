@@ -22,6 +22,7 @@ def create_engine(settings: Settings) -> Engine:
                 threads=settings.threads,
                 queue_size=settings.queue_size,
                 few_shot=settings.few_shot,
+                prefix_cache=settings.prefix_cache,
             )
     # Settings refuse an unknown engine name, listing the valid ones (EngineKind).
     assert_never(settings.engine)
