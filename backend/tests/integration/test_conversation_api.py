@@ -167,3 +167,24 @@ def test_conversations_crud_and_pagination(live_server: LiveServer) -> None:
 def test_health_endpoints(live_server: LiveServer, path: str) -> None:
     with live_server.client(key=None) as anonymous:
         assert anonymous.get(path).status_code == 200
+
+
+def test_a_queued_request_whose_client_leaves_gives_up_its_place(
+    live_server: LiveServer,
+) -> None:
+    long_answer = {"content": "Count from one to five hundred, in words.", "max_tokens": 1500}
+    with live_server.client(BOB_KEY) as bob, live_server.client() as alice:
+        running = new_conversation(bob)
+        queued = new_conversation(alice)
+        with bob.stream("POST", f"/v1/conversations/{running}/messages", json=long_answer):
+            with alice.stream(
+                "POST", f"/v1/conversations/{queued}/messages", json=long_answer
+            ) as response:
+                assert response.status_code == 200
+                assert engine(live_server).queue_depth == 1
+            # Alice left while waiting: her place is freed while Bob's answer still runs.
+            wait_until(lambda: engine(live_server).queue_depth == 0)
+            assert engine(live_server).busy
+        path = f"/v1/conversations/{queued}/messages"
+        wait_until(lambda: len(alice.get(path).json()["data"]) == 2)
+        assert alice.get(path).json()["data"][1]["status"] == "cancelled"

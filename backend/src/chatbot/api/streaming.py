@@ -21,26 +21,40 @@ def sse(event: str | None, data: Any) -> str:
 
 
 class EventStreamResponse(StreamingResponse):
-    """An SSE response that runs ``on_close`` however it ends: finished, or the client gone.
+    """An SSE response tied to the generation behind it.
 
-    Starlette stops iterating when a client disconnects but leaves the iterator to the
-    garbage collector; closing it here stops the generation at once and frees the engine.
+    ``on_disconnect`` runs as soon as the client goes, even while nothing is being sent (a
+    request still queued, a long prefill), so the engine is freed at once; ``on_close`` runs
+    however the response ends. Starlette alone notices a disconnect only at the next send
+    and leaves the iterator to the garbage collector.
     """
 
     def __init__(
-        self, events: AsyncIterator[str], *, on_close: Callable[[], Awaitable[None]]
+        self,
+        events: AsyncIterator[str],
+        *,
+        on_disconnect: Callable[[], Awaitable[None]],
+        on_close: Callable[[], Awaitable[None]],
     ) -> None:
         super().__init__(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
+        self._on_disconnect = on_disconnect
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            await self._on_disconnect()
+
+        watcher = asyncio.create_task(watch())
         try:
             await super().__call__(scope, receive, send)
         finally:
+            watcher.cancel()
             await self._on_close()
 
 

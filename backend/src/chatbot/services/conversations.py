@@ -134,6 +134,10 @@ class Turn:
         finally:
             self._on_done()
 
+    async def cancel(self) -> None:
+        """Stop generating; the events end and the answer is stored as far as it got."""
+        await self._generation.aclose()
+
     async def aclose(self) -> None:
         """Cancel a turn whose events were never read to the end (the client left)."""
         await asyncio.shield(self._finish(self._answer("", MessageStatus.CANCELLED, None)))

@@ -121,7 +121,9 @@ async def send_message(
         temperature=body.temperature,
     )
     if body.stream:
-        return EventStreamResponse(_sse_events(turn), on_close=turn.aclose)
+        return EventStreamResponse(
+            _sse_events(turn), on_disconnect=turn.cancel, on_close=turn.aclose
+        )
     try:
         answer = await until_disconnected(request, _answer(turn))
     finally:

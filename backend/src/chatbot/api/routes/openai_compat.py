@@ -93,7 +93,9 @@ async def create_chat_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(generation, completion_id, created, model_id, include_usage)
-        return EventStreamResponse(chunks, on_close=generation.aclose)
+        return EventStreamResponse(
+            chunks, on_disconnect=generation.aclose, on_close=generation.aclose
+        )
     try:
         result = await until_disconnected(
             request, _complete(generation, completion_id, created, model_id)
