@@ -49,6 +49,7 @@ def test_streamed_turn_sends_start_tokens_and_end(live_server: LiveServer) -> No
     start, end = events[0][1], events[-1][1]
     assert start["conversation_id"] == conversation_id
     assert end["message_id"] == start["message_id"]
+    assert end["status"] == "complete"
     streamed = "".join(data["delta"] for name, data in events if name == "token")
     assert end["content"] == streamed
     assert streamed.strip()

@@ -25,8 +25,8 @@ class EventStreamResponse(StreamingResponse):
 
     ``on_disconnect`` runs as soon as the client goes, even while nothing is being sent (a
     request still queued, a long prefill), so the engine is freed at once; ``on_close`` runs
-    however the response ends. Starlette alone notices a disconnect only at the next send
-    and leaves the iterator to the garbage collector.
+    however the response ends. Under an ASGI 2.4 server Starlette notices a disconnect only
+    at the next send, and it never closes the iterator itself.
     """
 
     def __init__(

@@ -60,7 +60,8 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class LlamaRunner:
-    """Owns one llama.cpp context. Not thread-safe: the engine calls it from one thread."""
+    """Owns one llama.cpp context. Generation is not thread-safe: the engine runs it on one
+    thread. ``tokenize`` only reads the vocabulary and may run beside it."""
 
     def __init__(
         self,
@@ -344,6 +345,7 @@ class EmbeddedEngine(EngineBase):
         """Drop a job that is still waiting; a running one stops at its next check."""
         if job in self._pending:
             self._pending.remove(job)
+            job.put(_END)
             job.done.set()
 
     async def _serve(self) -> None:
@@ -376,7 +378,7 @@ class EmbeddedEngine(EngineBase):
                 ended = time.perf_counter()
                 timing = Timing(
                     queue_ms=_ms(started - job.submitted_at),
-                    prefill_ms=prefill_ms,
+                    prefill_ms=round(prefill_ms, 3),
                     ttft_ms=_ms((first_at or ended) - job.submitted_at),
                     total_ms=_ms(ended - job.submitted_at),
                 )

@@ -39,7 +39,9 @@ class Usage(BaseModel):
 
 class Timing(BaseModel):
     queue_ms: float = Field(ge=0, description="Waiting for the engine.")
-    prefill_ms: float = Field(ge=0, description="Computing the uncached prompt tokens.")
+    prefill_ms: float = Field(
+        ge=0, description="Computing the uncached prompt tokens and the first sample."
+    )
     ttft_ms: float = Field(ge=0, description="From admission to the first token.")
     total_ms: float = Field(ge=0, description="From admission to the last token.")
 

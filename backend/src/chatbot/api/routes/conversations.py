@@ -156,6 +156,7 @@ async def _sse_events(turn: Turn) -> AsyncIterator[str]:
                     "message.end",
                     {
                         "message_id": message.id,
+                        "status": message.status.value,
                         "content": message.content,
                         "usage": message.usage.model_dump() if message.usage else None,
                         "timing": message.timing.model_dump() if message.timing else None,

@@ -13,7 +13,7 @@ from uuid import uuid4
 
 from fastapi import APIRouter, Request, Response
 
-from chatbot.api.deps import CurrentUser, GenerationsDep
+from chatbot.api.deps import CurrentUser, GenerationsDep, SettingsDep
 from chatbot.api.errors import error_body
 from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
 from chatbot.engines.base import Finished, TokenDelta
@@ -67,6 +67,7 @@ async def create_chat_completion(
     body: ChatCompletionRequest,
     user: CurrentUser,
     generations: GenerationsDep,
+    settings: SettingsDep,
     request: Request,
 ) -> ChatCompletion | Response:
     model_id = generations.engine.model_id
@@ -79,6 +80,9 @@ async def create_chat_completion(
         ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
         for m in body.messages
     ]
+    if not any(m.role == "system" for m in messages):
+        # The server's system prompt, so that both APIs share one cached preamble.
+        messages.insert(0, ChatMessage(role="system", content=settings.system_prompt))
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     sampling = generations.sampling(
         max_tokens=body.max_completion_tokens or body.max_tokens,
