@@ -123,16 +123,19 @@ def test_422_invalid_fields(
     assert_error(response, 422, "validation_error")
 
 
+def hold_streaming_answer(stack: ExitStack, client: httpx.Client, conversation_id: str) -> None:
+    """Start a long answer and keep it streaming until ``stack`` closes."""
+    response = stack.enter_context(
+        client.stream("POST", f"/v1/conversations/{conversation_id}/messages", json=LONG_ANSWER)
+    )
+    assert response.status_code == 200
+
+
 def test_429_too_many_streams_for_one_user(live_server: LiveServer) -> None:
     with live_server.client(CAROL_KEY) as carol, ExitStack() as streams:
         conversations = [carol.post("/v1/conversations", json={}).json()["id"] for _ in range(3)]
         for conversation_id in conversations[:2]:  # the limit is 2 per user
-            response = streams.enter_context(
-                carol.stream(
-                    "POST", f"/v1/conversations/{conversation_id}/messages", json=LONG_ANSWER
-                )
-            )
-            assert response.status_code == 200
+            hold_streaming_answer(streams, carol, conversation_id)
         third = carol.post(f"/v1/conversations/{conversations[2]}/messages", json=LONG_ANSWER)
         assert_error(third, 429, "too_many_streams")
         assert third.headers["retry-after"] == "1"
@@ -147,12 +150,7 @@ def test_503_when_the_engine_queue_is_full(live_server: LiveServer) -> None:
         )
         # One answer runs and one waits (the queue holds 1): a third finds the engine full.
         for client, conversation_id in ((bob, running), (carol, waiting)):
-            response = stack.enter_context(
-                client.stream(
-                    "POST", f"/v1/conversations/{conversation_id}/messages", json=LONG_ANSWER
-                )
-            )
-            assert response.status_code == 200
+            hold_streaming_answer(stack, client, conversation_id)
         response = bob.post(f"/v1/conversations/{refused}/messages", json=LONG_ANSWER)
         assert_error(response, 503, "engine_overloaded")
         assert int(response.headers["retry-after"]) >= 1

@@ -176,7 +176,7 @@ class LlamaRunner:
                 reason = "stop"
                 break
             completion.append(token)
-            piece = decoder.decode(self._llm.detokenize([token], prev_tokens=completion[:-1]))
+            piece = decoder.decode(self._llm.detokenize([token]))
             text = held_space + scanner.feed(piece)
             if first_text_at is None:
                 text = text.lstrip()
