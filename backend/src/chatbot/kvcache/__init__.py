@@ -1,0 +1,6 @@
+"""The embedded engine's tiered KV-state cache (the LMCache idea on a CPU)."""
+
+from chatbot.kvcache.keys import PromptKey, owner_digest
+from chatbot.kvcache.store import KVCache, Reuse, SequenceState
+
+__all__ = ["KVCache", "PromptKey", "Reuse", "SequenceState", "owner_digest"]

@@ -1,0 +1,363 @@
+"""The tiered KV-state cache: the live context, then saved states in RAM, then on disk.
+
+A saved entry is the llama.cpp sequence state of a whole token sequence (a conversation
+as far as it got), indexed under the chain hash of each of its full chunks. A prompt is
+looked up by its own chunk hashes, deepest first; the entries found there share at least
+that many chunks with it, and the longest token-for-token match among them wins. After a
+load, the context is truncated to the matched prefix and only the rest is prefilled.
+
+RAM evicts least recently used entries to disk, disk evicts them for good; each stays
+within its byte budget. An entry that is a prefix of a newer one of the same owner is
+dropped when the newer one is saved, so a long conversation keeps one entry, not one per
+turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from chatbot.kvcache.keys import PromptKey, chunk_hashes, common_prefix_length, shareable_prefix
+from chatbot.kvcache.tiers import DiskTier, EntryMeta, RamTier
+from chatbot.models.cache import CacheStats, CacheTier, LookupStats, TierStats
+
+logger = logging.getLogger(__name__)
+
+# Entries compared token for token per lookup: all share the matched chunks, the most
+# recent ones are the likeliest to share more.
+_CANDIDATES = 8
+_FASTEST_FIRST = {tier: rank for rank, tier in enumerate(CacheTier)}
+
+
+class SequenceState(Protocol):
+    """The live llama.cpp context, as the cache drives it."""
+
+    def held_tokens(self) -> Sequence[int]: ...
+
+    def truncate(self, n_tokens: int) -> bool:
+        """Keep the first ``n_tokens``; False if the context cannot."""
+        ...
+
+    def export_state(self) -> bytearray: ...
+
+    def import_state(self, payload: bytearray, tokens: Sequence[int]) -> bool:
+        """Replace the context with a saved state of ``tokens``; False if it was refused."""
+        ...
+
+    def clear(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Reuse:
+    """What a prompt got from the cache: the context now holds its first ``tokens``."""
+
+    tokens: int
+    tier: CacheTier | None
+
+
+@dataclass(eq=False, slots=True)
+class _Entry:
+    meta: EntryMeta
+    hashes: list[bytes]
+    tier: CacheTier
+    size: int
+
+    @property
+    def key(self) -> PromptKey:
+        return PromptKey(self.meta.tokens, self.meta.public_tokens, self.meta.owner)
+
+
+@dataclass(slots=True)
+class _TierCounters:
+    hits: int = 0
+    hit_tokens: int = 0
+    stores: int = 0
+    evictions: int = 0
+
+
+@dataclass(slots=True)
+class _Counters:
+    total: LookupStats = field(default_factory=LookupStats)
+    by_owner: dict[bytes, LookupStats] = field(default_factory=dict)
+    tiers: dict[CacheTier, _TierCounters] = field(
+        default_factory=lambda: {tier: _TierCounters() for tier in CacheTier}
+    )
+
+
+class KVCache:
+    def __init__(
+        self,
+        *,
+        namespace: bytes,
+        chunk_tokens: int = 256,
+        ram_bytes: int = 0,
+        disk_bytes: int = 0,
+        disk_dir: Path | None = None,
+    ) -> None:
+        """``namespace`` names what the states are valid for (model file, KV layout);
+        states saved under another namespace are never seen."""
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
+        if disk_bytes > 0 and disk_dir is None:
+            raise ValueError("a disk budget needs a disk_dir")
+        self.namespace = namespace
+        self.chunk_tokens = chunk_tokens
+        self._lock = threading.Lock()
+        self._entries: dict[str, _Entry] = {}
+        self._by_hash: dict[bytes, dict[str, None]] = {}  # insertion-ordered sets
+        self._by_last_hash: dict[bytes, set[str]] = {}
+        self._ram = RamTier(ram_bytes)
+        self._disk = (
+            DiskTier(disk_dir / namespace.hex(), disk_bytes)
+            if disk_dir is not None and disk_bytes > 0
+            else None
+        )
+        self._live: PromptKey | None = None
+        self._counters = _Counters()
+        if self._disk is not None:
+            for meta in self._disk.scan():
+                self._index(meta, CacheTier.DISK, self._disk_size(meta.id))
+            logger.info("KV cache: %d saved states found on disk", len(self._disk))
+
+    @property
+    def stores_states(self) -> bool:
+        return self._ram.budget_bytes > 0 or self._disk is not None
+
+    # -- the turn: prepare the context for a prompt, then save what it holds ---------------
+
+    def prepare(self, context: SequenceState, key: PromptKey) -> Reuse:
+        """Leave in ``context`` the longest prefix of ``key.tokens`` that any tier holds
+        and ``key``'s owner may use; at least one token is always left to evaluate."""
+        limit = len(key.tokens) - 1
+        with self._lock:
+            live = min(shareable_prefix(self._live, key), limit) if self._live else 0
+            reuse = Reuse(live, CacheTier.LIVE if live else None)
+            found = self._find(key, limit)
+            if found is not None and found[1] > live:
+                entry, n = found
+                if self._load(context, entry, n):
+                    reuse = Reuse(n, entry.tier)
+                else:
+                    context.clear()
+                    reuse = Reuse(0, None)
+            elif not context.truncate(live):
+                context.clear()
+                reuse = Reuse(0, None)
+            self._live = PromptKey(
+                array("i", key.tokens[: reuse.tokens]),
+                min(key.public_tokens, reuse.tokens),
+                key.owner,
+            )
+            self._count(key, reuse)
+            return reuse
+
+    def commit(self, context: SequenceState, key: PromptKey) -> None:
+        """After a generation for ``key``: remember what the context holds now (the prompt
+        and the answer) and save its state unless a tier already holds it."""
+        held = array("i", context.held_tokens())
+        live = PromptKey(held, min(key.public_tokens, len(held)), key.owner)
+        with self._lock:
+            self._live = live
+            if not self.stores_states or len(held) < self.chunk_tokens:
+                return
+            found = self._find(live, len(held))
+            if found is not None and found[1] >= len(held):
+                return
+            self._put(live, context.export_state())
+
+    def forget_live(self) -> None:
+        """The context was cleared or is in an unknown state (a failed generation)."""
+        with self._lock:
+            self._live = None
+
+    # -- lookup, load, store ---------------------------------------------------------------
+
+    def _find(self, key: PromptKey, limit: int) -> tuple[_Entry, int] | None:
+        hashes = chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
+        for h in reversed(hashes):
+            ids = self._by_hash.get(h)
+            if not ids:
+                continue
+            candidates = [self._entries[i] for i in list(reversed(ids))[:_CANDIDATES]]
+            scored = [(min(shareable_prefix(e.key, key), limit), e) for e in candidates]
+            n, entry = max(scored, key=lambda s: (s[0], -_FASTEST_FIRST[s[1].tier]))
+            return entry, n
+        return None
+
+    def _load(self, context: SequenceState, entry: _Entry, n_tokens: int) -> bool:
+        if entry.tier is CacheTier.RAM:
+            payload = self._ram.get(entry.meta.id)
+        else:
+            assert self._disk is not None
+            payload = self._disk.get(entry.meta.id)
+        if payload is None:  # a damaged file, already reported by the tier
+            self._unindex(entry.meta.id)
+            return False
+        if context.import_state(payload, entry.meta.tokens) and context.truncate(n_tokens):
+            return True
+        logger.warning("llama.cpp refused a saved KV state; dropping it")
+        self._drop(entry.meta.id)
+        return False
+
+    def _put(self, key: PromptKey, payload: bytearray) -> None:
+        entry_id = _entry_id(self.namespace, key)
+        if entry_id in self._entries:
+            return
+        meta = EntryMeta(entry_id, array("i", key.tokens), key.public_tokens, key.owner)
+        hashes = self._supersede(meta)
+        if self._ram.fits(len(payload)):
+            self._index(meta, CacheTier.RAM, len(payload), hashes)
+            self._counters.tiers[CacheTier.RAM].stores += 1
+            for old_id, old_payload in self._ram.put(entry_id, payload):
+                self._counters.tiers[CacheTier.RAM].evictions += 1
+                self._spill(old_id, old_payload)
+        else:
+            self._write_to_disk(meta, payload, hashes)
+
+    def _spill(self, entry_id: str, payload: bytearray) -> None:
+        entry = self._entries[entry_id]
+        self._unindex(entry_id)
+        self._write_to_disk(entry.meta, payload, entry.hashes)
+
+    def _write_to_disk(self, meta: EntryMeta, payload: bytearray, hashes: list[bytes]) -> None:
+        if self._disk is None or not self._disk.fits(len(payload)):
+            return
+        try:
+            evicted = self._disk.put(meta, payload)
+        except OSError as exc:
+            logger.warning("could not save a KV state to disk: %s", exc)
+            return
+        for old_id in evicted:
+            self._counters.tiers[CacheTier.DISK].evictions += 1
+            self._unindex(old_id)
+        self._index(meta, CacheTier.DISK, self._disk_size(meta.id), hashes)
+        self._counters.tiers[CacheTier.DISK].stores += 1
+
+    def _supersede(self, meta: EntryMeta) -> list[bytes]:
+        """Drop entries that ``meta`` makes redundant: earlier states of the same
+        conversation. Returns ``meta``'s chunk hashes."""
+        key = PromptKey(meta.tokens, meta.public_tokens, meta.owner)
+        hashes = chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
+        for h in hashes:
+            for old_id in list(self._by_last_hash.get(h, ())):
+                old = self._entries[old_id].meta
+                same_owner = old.owner == meta.owner and old.public_tokens <= meta.public_tokens
+                public = len(old.tokens) <= min(old.public_tokens, meta.public_tokens)
+                is_prefix = common_prefix_length(old.tokens, meta.tokens) == len(old.tokens)
+                if is_prefix and (same_owner or public):
+                    self._drop(old_id)
+        return hashes
+
+    # -- the index -------------------------------------------------------------------------
+
+    def _index(
+        self, meta: EntryMeta, tier: CacheTier, size: int, hashes: list[bytes] | None = None
+    ) -> None:
+        if hashes is None:
+            key = PromptKey(meta.tokens, meta.public_tokens, meta.owner)
+            hashes = chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
+        if not hashes:  # shorter than a chunk: no prompt could ever find it
+            self._drop_bytes(meta.id, tier)
+            return
+        self._entries[meta.id] = _Entry(meta, hashes, tier, size)
+        for h in hashes:
+            self._by_hash.setdefault(h, {})[meta.id] = None
+        self._by_last_hash.setdefault(hashes[-1], set()).add(meta.id)
+
+    def _unindex(self, entry_id: str) -> None:
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return
+        for h in entry.hashes:
+            ids = self._by_hash[h]
+            del ids[entry_id]
+            if not ids:
+                del self._by_hash[h]
+        last = self._by_last_hash[entry.hashes[-1]]
+        last.discard(entry_id)
+        if not last:
+            del self._by_last_hash[entry.hashes[-1]]
+
+    def _drop(self, entry_id: str) -> None:
+        entry = self._entries.get(entry_id)
+        if entry is not None:
+            self._unindex(entry_id)
+            self._drop_bytes(entry_id, entry.tier)
+
+    def _drop_bytes(self, entry_id: str, tier: CacheTier) -> None:
+        if tier is CacheTier.RAM:
+            self._ram.remove(entry_id)
+        elif self._disk is not None:
+            self._disk.remove(entry_id)
+
+    def _disk_size(self, entry_id: str) -> int:
+        assert self._disk is not None
+        return self._disk.size_of(entry_id)
+
+    # -- counters --------------------------------------------------------------------------
+
+    def _count(self, key: PromptKey, reuse: Reuse) -> None:
+        owner = self._counters.by_owner.setdefault(key.owner, LookupStats())
+        for stats in (self._counters.total, owner):
+            stats.lookups += 1
+            stats.requested_tokens += len(key.tokens)
+            if reuse.tier is not None:
+                stats.hit_tokens += reuse.tokens
+                by_tier = stats.hit_tokens_by_tier
+                by_tier[reuse.tier] = by_tier.get(reuse.tier, 0) + reuse.tokens
+        if reuse.tier is not None:
+            tier = self._counters.tiers[reuse.tier]
+            tier.hits += 1
+            tier.hit_tokens += reuse.tokens
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            total = self._counters.total
+            held: dict[CacheTier, tuple[int, int, int | None]] = {
+                CacheTier.LIVE: (1 if self._live and self._live.tokens else 0, 0, None),
+                CacheTier.RAM: (len(self._ram), self._ram.used_bytes, self._ram.budget_bytes),
+                CacheTier.DISK: (
+                    (len(self._disk), self._disk.used_bytes, self._disk.budget_bytes)
+                    if self._disk is not None
+                    else (0, 0, 0)
+                ),
+            }
+            tiers = {
+                tier: TierStats(
+                    hits=c.hits,
+                    hit_tokens=c.hit_tokens,
+                    entries=held[tier][0],
+                    bytes=held[tier][1],
+                    budget_bytes=held[tier][2],
+                    stores=c.stores,
+                    evictions=c.evictions,
+                )
+                for tier, c in self._counters.tiers.items()
+            }
+            return CacheStats(
+                chunk_tokens=self.chunk_tokens,
+                lookups=total.lookups,
+                requested_tokens=total.requested_tokens,
+                hit_tokens=total.hit_tokens,
+                hit_rate=round(total.hit_rate, 6),
+                tiers=tiers,
+            )
+
+    def owner_stats(self, owner: bytes) -> LookupStats:
+        """One owner's own lookups; nobody else's are ever shown to them."""
+        with self._lock:
+            return self._counters.by_owner.get(owner, LookupStats()).model_copy(deep=True)
+
+
+def _entry_id(namespace: bytes, key: PromptKey) -> str:
+    h = hashlib.blake2b(namespace, digest_size=16)
+    h.update(key.owner)
+    h.update(key.public_tokens.to_bytes(4, "little"))
+    h.update(array("i", key.tokens).tobytes())
+    return h.hexdigest()
