@@ -23,6 +23,7 @@ from chatbot.engines.model_files import bundled_model_path
 ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef00"
 CAROL_KEY = "carol-key-0123456789abcdef"
+DAVE_KEY = "dave-key-0123456789abcdef0"  # used by one test only: a user with no history
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +32,13 @@ def model_path() -> Path:
     return bundled_model_path(cache)
 
 
-def make_settings(model_path: Path, **overrides: object) -> Settings:
-    """Settings for tests: small limits, short answers, greedy decoding, three users."""
+def make_settings(model_path: Path, kv_dir: Path, **overrides: object) -> Settings:
+    """Settings for tests: small limits, short answers, greedy decoding, four users, and
+    the KV cache's disk tier in a folder of the test's own."""
     values: dict[str, object] = {
         "model_path": model_path,
-        "api_keys": f"{ALICE_KEY}=alice,{BOB_KEY}=bob,{CAROL_KEY}=carol",
+        "kv_dir": kv_dir,
+        "api_keys": f"{ALICE_KEY}=alice,{BOB_KEY}=bob,{CAROL_KEY}=carol,{DAVE_KEY}=dave",
         "context_tokens": 4096,
         "max_tokens": 32,
         "temperature": 0.0,
@@ -94,8 +97,8 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def live_server(model_path: Path) -> Iterator[LiveServer]:
+def live_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One real server on the real model for the whole session (loading it once)."""
-    app = create_app(make_settings(model_path))
+    app = create_app(make_settings(model_path, tmp_path_factory.mktemp("kv")))
     for url in serve_in_thread(app):
         yield LiveServer(url=url, app=app)

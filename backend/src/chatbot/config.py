@@ -12,7 +12,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOCAL_USER = "local"
@@ -74,6 +74,26 @@ class Settings(BaseSettings):
         description="Prefix prompts with a few-shot chat preamble (needed by base models).",
     )
 
+    # --- the embedded engine's KV-state cache (used when prefix_cache is on)
+    kv_chunk_tokens: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Tokens per hashed prompt chunk: the granularity at which saved states "
+        "are found (LMCache uses 256 for GPU-sized prompts).",
+    )
+    kv_ram_bytes: ByteSize = Field(
+        default=ByteSize(2 * 1024**3),
+        description="RAM for saved KV states, e.g. '2GiB'; 0: the live context only.",
+    )
+    kv_disk_bytes: ByteSize = Field(
+        default=ByteSize(8 * 1024**3),
+        description="Disk for KV states evicted from RAM, e.g. '8GiB'; 0: no disk tier.",
+    )
+    kv_dir: Path | None = Field(
+        default=None, description="Where the disk tier lives; default: CACHE_DIR/kv."
+    )
+
     # --- generation defaults
     system_prompt: str = (
         "You are a helpful, concise assistant. Answer the user's question directly."
@@ -121,6 +141,10 @@ class Settings(BaseSettings):
         if self.model_path is not None and not self.model_path.is_file():
             raise ValueError(f"CHATBOT_MODEL_PATH {self.model_path} is not a file")
         return self
+
+    @property
+    def kv_folder(self) -> Path:
+        return self.kv_dir if self.kv_dir is not None else self.cache_dir / "kv"
 
     @property
     def auth_enabled(self) -> bool:

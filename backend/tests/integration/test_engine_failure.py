@@ -59,8 +59,10 @@ class SwitchableFailingEngine(Engine):
 
 
 @pytest.fixture(scope="module")
-def failing_server(model_path: Path) -> Iterator[tuple[str, SwitchableFailingEngine]]:
-    settings = make_settings(model_path)
+def failing_server(
+    model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, SwitchableFailingEngine]]:
+    settings = make_settings(model_path, tmp_path_factory.mktemp("kv"))
     engine = SwitchableFailingEngine(create_engine(settings))
     for url in serve_in_thread(create_app(settings, engine=engine)):
         yield url, engine

@@ -11,7 +11,7 @@ from chatbot import __version__
 from chatbot.api.deps import Services
 from chatbot.api.errors import install_error_handlers
 from chatbot.api.middleware import RequestContextMiddleware
-from chatbot.api.routes import conversations, health, openai_compat
+from chatbot.api.routes import cache, conversations, health, openai_compat
 from chatbot.config import Settings
 from chatbot.engines.base import Engine
 from chatbot.engines.factory import create_engine
@@ -32,6 +32,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         await running.start()
         try:
             metrics.watch_queue(lambda: running.queue_depth)
+            metrics.watch_kv_cache(running.cache_stats)
             generations = GenerationService(
                 running, settings, metrics, StreamLimiter(settings.max_streams_per_user)
             )
@@ -59,5 +60,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     )
     app.include_router(conversations.router)
     app.include_router(openai_compat.router)
+    app.include_router(cache.router)
     app.include_router(health.router)
     return app

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
+from chatbot.models.cache import CacheStats, LookupStats
 from chatbot.models.domain import ChatMessage, Timing, Usage
 
 FinishReason = Literal["stop", "length"]
@@ -35,6 +36,11 @@ class SamplingParams:
 class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams
+    cache_salt: str
+    """Whose content this is: what the user wrote is cached for them alone."""
+    public_messages: int = 0
+    """Leading messages that are public material (the server's system prompt, agent
+    instructions, shared documents), whose cache every user may share."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +99,14 @@ class Engine(ABC):
     def queue_depth(self) -> int:
         """Requests submitted and waiting for the engine."""
         return 0
+
+    def cache_stats(self) -> CacheStats | None:
+        """The engine's own KV-cache counters, where it keeps them."""
+        return None
+
+    def user_cache_stats(self, cache_salt: str) -> LookupStats | None:
+        """One user's share of those counters."""
+        return None
 
     @abstractmethod
     async def submit(self, request: GenerationRequest) -> Generation:

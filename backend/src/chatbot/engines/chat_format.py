@@ -10,6 +10,7 @@ follows it, which is what lets the KV cache of earlier turns be reused.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from chatbot.models.domain import ChatMessage
 
@@ -37,21 +38,41 @@ DEFAULT_HEADER = (
 )
 
 
-def render(messages: Sequence[ChatMessage], *, few_shot: bool) -> list[str]:
+@dataclass(frozen=True, slots=True)
+class RenderedPrompt:
+    segments: list[str]
+    public_segments: int
+    """Leading segments made only of public material (see ``GenerationRequest``)."""
+
+
+def render(
+    messages: Sequence[ChatMessage], *, few_shot: bool, public_messages: int = 0
+) -> RenderedPrompt:
     """The prompt as text segments; the last one leaves the assistant to speak."""
     system = [m.content for m in messages if m.role == "system"]
     header = "\n\n".join(system) if system else DEFAULT_HEADER
+    # The header gathers every system message, so it is public only if all of them are.
+    public = all(i < public_messages for i, m in enumerate(messages) if m.role == "system")
     segments = [header + "\n\n"]
     if few_shot:
         for question, answer in FEW_SHOT:
             segments += _exchange(question, answer)
-    for message in messages:
-        if message.role == "user":
-            segments += [USER_PREFIX, f" {message.content.strip()}\n"]
-        elif message.role == "assistant":
-            segments += [ASSISTANT_PREFIX, f" {message.content.strip()}\n\n"]
+    public_segments = len(segments) if public else 0
+    for i, message in enumerate(messages):
+        if message.role == "system":
+            continue
+        still_public = public_segments == len(segments) and i < public_messages
+        segments += _message(message)
+        if still_public:
+            public_segments = len(segments)
     segments.append(ASSISTANT_PREFIX)
-    return segments
+    return RenderedPrompt(segments, public_segments)
+
+
+def _message(message: ChatMessage) -> list[str]:
+    if message.role == "user":
+        return [USER_PREFIX, f" {message.content.strip()}\n"]
+    return [ASSISTANT_PREFIX, f" {message.content.strip()}\n\n"]
 
 
 def _exchange(question: str, answer: str) -> list[str]:

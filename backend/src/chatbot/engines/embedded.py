@@ -1,15 +1,19 @@
 """The embedded engine: llama.cpp in-process through llama-cpp-python, on the CPU.
 
 One llama.cpp context serves every request, one at a time, on one worker thread; requests
-wait in a bounded FIFO queue. Before each request the context keeps the longest common
-prefix of what it holds and the new prompt and evaluates only the rest; the size of that
-prefix is the request's ``cached_tokens``.
+wait in a bounded FIFO queue. Before each request the KV cache (``chatbot.kvcache``) leaves
+in the context the longest prefix of the prompt that it holds, live or saved, and only the
+rest is evaluated; that prefix is the request's ``cached_tokens``. After each request the
+context's sequence state is saved, so that a conversation that loses the context to
+another one gets it back without recomputing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
+import hashlib
 import logging
 import threading
 import time
@@ -22,7 +26,7 @@ from typing import Any
 
 import llama_cpp
 
-from chatbot.engines import chat_format
+from chatbot.engines import chat_format, model_files
 from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.base import (
     EngineEvent,
@@ -34,6 +38,8 @@ from chatbot.engines.base import (
     TokenDelta,
 )
 from chatbot.engines.stops import StopScanner
+from chatbot.kvcache import KVCache, PromptKey, Reuse, owner_digest
+from chatbot.models.cache import CacheStats, LookupStats
 from chatbot.models.domain import Timing, Usage
 from chatbot.models.errors import (
     ContextLengthExceeded,
@@ -50,13 +56,12 @@ _END = object()  # marks the end of a job's event stream
 REPEAT_PENALTY = 1.1
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def state_namespace(model_path: Path) -> bytes:
+    """What saved sequence states are valid for: these weights, this llama.cpp build, and
+    the KV layout the runner asks for (f16, full-size sliding-window cache)."""
+    h = hashlib.blake2b(model_files.fingerprint(model_path), digest_size=16)
+    h.update(f"llama-cpp-python {llama_cpp.__version__}; kv f16; swa_full".encode())
+    return h.digest()
 
 
 class LlamaRunner:
@@ -70,7 +75,7 @@ class LlamaRunner:
         context_tokens: int,
         batch_tokens: int,
         threads: int,
-        prefix_cache: bool = True,
+        kv_cache: KVCache | None = None,
     ) -> None:
         self._llm: Any = llama_cpp.Llama(
             model_path=str(model_path),
@@ -85,7 +90,7 @@ class LlamaRunner:
         )
         self.context_tokens: int = self._llm.n_ctx()
         self._batch_tokens = batch_tokens
-        self._prefix_cache = prefix_cache
+        self._kv_cache = kv_cache
 
     def close(self) -> None:
         self._llm.close()
@@ -98,31 +103,69 @@ class LlamaRunner:
         perf = llama_cpp.llama_perf_context(ctx)
         return int(perf.n_p_eval), int(perf.n_eval)
 
-    def tokenize(self, segments: Sequence[str]) -> list[int]:
+    def tokenize(self, prompt: chat_format.RenderedPrompt) -> tuple[list[int], int]:
+        """The prompt's tokens, and how many of them are public material."""
         tokens = [self._llm.token_bos()]
-        for segment in segments:
+        public_tokens = 1
+        for i, segment in enumerate(prompt.segments):
             tokens += self._llm.tokenize(segment.encode(), add_bos=False, special=False)
-        return tokens
+            if i < prompt.public_segments:
+                public_tokens = len(tokens)
+        return tokens, public_tokens
 
-    def reuse_prefix(self, tokens: Sequence[int]) -> int:
-        """Truncate the context to its longest common prefix with ``tokens``; return its size.
+    # -- the context as the KV cache drives it (chatbot.kvcache.SequenceState) -------------
 
-        At least one prompt token is always evaluated, to produce fresh logits.
-        """
-        if not self._prefix_cache:
-            self._llm.reset()
-            return 0
-        held = self._llm.input_ids[: self._llm.n_tokens].tolist()
-        keep = min(common_prefix_length(held, tokens), len(tokens) - 1)
-        if keep > 0 and self._llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-            self._llm.n_tokens = keep
-            return keep
+    def held_tokens(self) -> list[int]:
+        held: list[int] = self._llm.input_ids[: self._llm.n_tokens].tolist()
+        return held
+
+    def truncate(self, n_tokens: int) -> bool:
+        if n_tokens == 0:
+            self.clear()
+            return True
+        if n_tokens > self._llm.n_tokens or not self._llm._ctx.kv_cache_seq_rm(-1, n_tokens, -1):
+            return False
+        self._llm.n_tokens = n_tokens
+        return True
+
+    def export_state(self) -> bytearray:
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        payload = bytearray(size)
+        written = llama_cpp.llama_state_seq_get_data(ctx, _c_bytes(payload), size, 0)
+        if written != size:
+            raise RuntimeError(f"llama.cpp wrote {written} of {size} state bytes")
+        return payload
+
+    def import_state(self, payload: bytearray, tokens: Sequence[int]) -> bool:
+        self.clear()
+        ctx = self._llm._ctx.ctx
+        if not llama_cpp.llama_state_seq_set_data(ctx, _c_bytes(payload), len(payload), 0):
+            self.clear()
+            return False
+        self._llm.input_ids[: len(tokens)] = tokens
+        self._llm.n_tokens = len(tokens)
+        return True
+
+    def clear(self) -> None:
         self._llm.reset()
-        return 0
+        self._llm._ctx.kv_cache_clear()
+
+    def forget(self) -> None:
+        """After a failure the context's contents are unknown: start from nothing."""
+        self.clear()
+        if self._kv_cache is not None:
+            self._kv_cache.forget_live()
+
+    def _reuse(self, key: PromptKey) -> Reuse:
+        if self._kv_cache is None:
+            self.clear()
+            return Reuse(0, None)
+        return self._kv_cache.prepare(self, key)
 
     def generate(
         self,
-        tokens: list[int],
+        key: PromptKey,
         sampling: SamplingParams,
         *,
         emit: Callable[[str], None],
@@ -132,19 +175,17 @@ class LlamaRunner:
         """Prefill and decode; returns usage, finish reason (None: cancelled), prefill ms
         and the time of the first emitted text."""
         started = time.perf_counter()
-        cached = self.reuse_prefix(tokens)
+        tokens = list(key.tokens)
+        reuse = self._reuse(key)
+        cached = reuse.tokens
         # The last prompt token goes through generate() so that it produces the logits
         # for the first sample; everything before it is evaluated here, a batch at a time,
         # so a cancelled request stops within one batch.
         rest = tokens[cached:-1]
         for i in range(0, len(rest), self._batch_tokens):
             if cancelled():
-                return (
-                    Usage(prompt_tokens=len(tokens), cached_tokens=cached, completion_tokens=0),
-                    None,
-                    0.0,
-                    None,
-                )
+                self._commit(key)
+                return _usage(key, reuse, 0), None, 0.0, None
             self._llm.eval(rest[i : i + self._batch_tokens])
 
         if sampling.seed is not None:
@@ -197,15 +238,31 @@ class LlamaRunner:
             if tail:
                 first_text_at = first_text_at or time.perf_counter()
                 emit(held_space + tail)
-        usage = Usage(
-            prompt_tokens=len(tokens), cached_tokens=cached, completion_tokens=len(completion)
-        )
-        return usage, reason, prefill_ms, first_text_at
+        self._commit(key)
+        return _usage(key, reuse, len(completion)), reason, prefill_ms, first_text_at
+
+    def _commit(self, key: PromptKey) -> None:
+        if self._kv_cache is not None:
+            self._kv_cache.commit(self, key)
+
+
+def _usage(key: PromptKey, reuse: Reuse, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=len(key.tokens),
+        cached_tokens=reuse.tokens,
+        completion_tokens=completion_tokens,
+        cache_tier=reuse.tier,
+    )
+
+
+def _c_bytes(payload: bytearray) -> Any:
+    """A ctypes view of ``payload``, without a copy."""
+    return (ctypes.c_uint8 * len(payload)).from_buffer(payload)
 
 
 @dataclass(eq=False)
 class _Job:
-    tokens: list[int]
+    key: PromptKey
     sampling: SamplingParams
     loop: asyncio.AbstractEventLoop
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -252,10 +309,11 @@ class EmbeddedEngine(EngineBase):
         threads: int,
         queue_size: int,
         few_shot: bool,
-        prefix_cache: bool = True,
+        kv_cache: KVCache | None = None,
     ) -> None:
+        """``kv_cache``: None recomputes every prompt in full (the benchmarks' baseline)."""
         self.model_id = model_id
-        self._prefix_cache = prefix_cache
+        self._kv_cache = kv_cache
         self._model_path = model_path
         self._context_tokens = context_tokens
         self._batch_tokens = batch_tokens
@@ -278,7 +336,7 @@ class EmbeddedEngine(EngineBase):
                 context_tokens=self._context_tokens,
                 batch_tokens=self._batch_tokens,
                 threads=self._threads,
-                prefix_cache=self._prefix_cache,
+                kv_cache=self._kv_cache,
             ),
         )
         self._worker = asyncio.create_task(self._serve(), name="embedded-engine")
@@ -322,21 +380,32 @@ class EmbeddedEngine(EngineBase):
             raise ServiceUnavailable("the model is not loaded")
         return self._runner
 
-    def prompt_tokens(self, request: GenerationRequest) -> list[int]:
-        segments = chat_format.render(request.messages, few_shot=self._few_shot)
-        return self.runner.tokenize(segments)
+    def cache_stats(self) -> CacheStats | None:
+        return self._kv_cache.stats() if self._kv_cache is not None else None
+
+    def user_cache_stats(self, cache_salt: str) -> LookupStats | None:
+        if self._kv_cache is None:
+            return None
+        return self._kv_cache.owner_stats(owner_digest(cache_salt))
+
+    def prompt_key(self, request: GenerationRequest) -> PromptKey:
+        prompt = chat_format.render(
+            request.messages, few_shot=self._few_shot, public_messages=request.public_messages
+        )
+        tokens, public_tokens = self.runner.tokenize(prompt)
+        return PromptKey(tokens, public_tokens, owner_digest(request.cache_salt))
 
     async def submit(self, request: GenerationRequest) -> Generation:
-        tokens = self.prompt_tokens(request)
-        if len(tokens) >= self._context_tokens:
+        key = self.prompt_key(request)
+        if len(key.tokens) >= self._context_tokens:
             raise ContextLengthExceeded(
-                f"the prompt is {len(tokens)} tokens; the context holds {self._context_tokens}"
+                f"the prompt is {len(key.tokens)} tokens; the context holds {self._context_tokens}"
             )
         if len(self._pending) >= self._queue_size and (self._running or self._pending):
             raise EngineOverloaded(
                 f"the engine queue is full ({self._queue_size} waiting)", retry_after=1
             )
-        job = _Job(tokens=tokens, sampling=request.sampling, loop=asyncio.get_running_loop())
+        job = _Job(key=key, sampling=request.sampling, loop=asyncio.get_running_loop())
         self._pending.append(job)
         self._wakeup.set()
         return _EmbeddedGeneration(self, job)
@@ -368,7 +437,7 @@ class EmbeddedEngine(EngineBase):
         started = time.perf_counter()
         try:
             usage, reason, prefill_ms, first_at = self._runner.generate(
-                job.tokens,
+                job.key,
                 job.sampling,
                 emit=lambda text: job.put(TokenDelta(text)),
                 cancelled=job.cancelled.is_set,
@@ -385,6 +454,7 @@ class EmbeddedEngine(EngineBase):
                 job.put(Finished(usage=usage, timing=timing, finish_reason=reason))
         except Exception:
             logger.exception("generation failed")
+            self._runner.forget()
             job.put(EngineFailure("the model failed while generating"))
         finally:
             job.put(_END)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import assert_never
 
 from chatbot.config import EngineKind, Settings
 from chatbot.engines.base import Engine
-from chatbot.engines.embedded import EmbeddedEngine
+from chatbot.engines.embedded import EmbeddedEngine, state_namespace
 from chatbot.engines.model_files import resolve_model_path
+from chatbot.kvcache import KVCache
 
 
 def create_engine(settings: Settings) -> Engine:
@@ -22,7 +24,17 @@ def create_engine(settings: Settings) -> Engine:
                 threads=settings.threads,
                 queue_size=settings.queue_size,
                 few_shot=settings.few_shot,
-                prefix_cache=settings.prefix_cache,
+                kv_cache=_kv_cache(settings, path) if settings.prefix_cache else None,
             )
     # Settings refuse an unknown engine name, listing the valid ones (EngineKind).
     assert_never(settings.engine)
+
+
+def _kv_cache(settings: Settings, model_path: Path) -> KVCache:
+    return KVCache(
+        namespace=state_namespace(model_path),
+        chunk_tokens=settings.kv_chunk_tokens,
+        ram_bytes=settings.kv_ram_bytes,
+        disk_bytes=settings.kv_disk_bytes,
+        disk_dir=settings.kv_folder,
+    )

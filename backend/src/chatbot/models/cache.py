@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, computed_field
 
 
 class CacheTier(StrEnum):
@@ -31,9 +31,11 @@ class LookupStats(BaseModel):
     hit_tokens: int = Field(default=0, description="Prompt tokens served from any tier.")
     hit_tokens_by_tier: dict[CacheTier, int] = Field(default_factory=dict)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def hit_rate(self) -> float:
-        return self.hit_tokens / self.requested_tokens if self.requested_tokens else 0.0
+        """hit_tokens / requested_tokens."""
+        return round(self.hit_tokens / self.requested_tokens, 6) if self.requested_tokens else 0.0
 
 
 class CacheStats(BaseModel):

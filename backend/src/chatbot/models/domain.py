@@ -9,6 +9,8 @@ from uuid import uuid4
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from chatbot.models.cache import CacheTier
+
 Role = Literal["system", "user", "assistant"]
 
 
@@ -35,6 +37,9 @@ class Usage(BaseModel):
         ge=0, description="Prompt tokens whose KV state was reused, not recomputed."
     )
     completion_tokens: int = Field(ge=0, description="Tokens generated.")
+    cache_tier: CacheTier | None = Field(
+        default=None, description="Where the cached tokens came from; null: nothing cached."
+    )
 
 
 class Timing(BaseModel):

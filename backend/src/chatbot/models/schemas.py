@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chatbot.models.cache import CacheStats, LookupStats
 from chatbot.models.domain import MessageStatus, Role, Timing, Usage
 
 Title = Annotated[str, Field(min_length=1, max_length=200)]
@@ -183,3 +184,12 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class CacheStatsResponse(BaseModel):
+    engine: str
+    enabled: bool = Field(description="False when the engine keeps no KV cache of its own.")
+    cache: CacheStats | None = Field(
+        description="The whole cache: counters and what each tier holds, for all users."
+    )
+    user: LookupStats | None = Field(description="The caller's own lookups and hits.")

@@ -6,7 +6,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from chatbot.models.cache import CacheStats
 from chatbot.models.domain import Timing, Usage
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -71,6 +74,10 @@ class Metrics:
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
 
+    def watch_kv_cache(self, stats: Callable[[], CacheStats | None]) -> None:
+        """Export the engine's KV-cache counters, read at each scrape."""
+        self.registry.register(_KVCacheCollector(stats))
+
     @contextmanager
     def stream(self) -> Iterator[None]:
         self.active_streams.inc()
@@ -81,3 +88,57 @@ class Metrics:
 
     def export(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _KVCacheCollector(Collector):
+    """The engine keeps its own counters (it counts on its worker thread); they are read
+    when Prometheus scrapes rather than copied on every request."""
+
+    def __init__(self, stats: Callable[[], CacheStats | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # no fixed description: the families appear once the engine has a cache
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield CounterMetricFamily(
+            "chatbot_kv_lookups", "Prompts looked up in the KV cache.", value=stats.lookups
+        )
+        yield CounterMetricFamily(
+            "chatbot_kv_requested_tokens",
+            "Prompt tokens looked up in the KV cache.",
+            value=stats.requested_tokens,
+        )
+        per_tier: list[tuple[str, str, str, type[CounterMetricFamily | GaugeMetricFamily]]] = [
+            ("hits", "chatbot_kv_hits", "Lookups served, by tier.", CounterMetricFamily),
+            (
+                "hit_tokens",
+                "chatbot_kv_hit_tokens",
+                "Prompt tokens served, by tier.",
+                CounterMetricFamily,
+            ),
+            ("stores", "chatbot_kv_stores", "States saved, by tier.", CounterMetricFamily),
+            (
+                "evictions",
+                "chatbot_kv_evictions",
+                "States evicted to stay within the budget, by tier.",
+                CounterMetricFamily,
+            ),
+            ("entries", "chatbot_kv_entries", "States held, by tier.", GaugeMetricFamily),
+            ("bytes", "chatbot_kv_bytes", "Bytes held, by tier.", GaugeMetricFamily),
+        ]
+        for field, name, documentation, family_type in per_tier:
+            family = family_type(name, documentation, labels=["tier"])
+            for tier, tier_stats in stats.tiers.items():
+                family.add_metric([tier.value], getattr(tier_stats, field))
+            yield family
+        budget = GaugeMetricFamily(
+            "chatbot_kv_budget_bytes", "Most bytes a tier may hold.", labels=["tier"]
+        )
+        for tier, tier_stats in stats.tiers.items():
+            if tier_stats.budget_bytes is not None:
+                budget.add_metric([tier.value], tier_stats.budget_bytes)
+        yield budget

@@ -201,7 +201,8 @@ class ConversationService:
             ChatMessage(role="user", content=content),
         ]
         sampling = self._generations.sampling(max_tokens=max_tokens, temperature=temperature)
-        generation = await self._generations.start(user_id, prompt, sampling)
+        # The system prompt is the server's: every user shares its cache.
+        generation = await self._generations.start(user_id, prompt, sampling, public_messages=1)
         self._running.add(conversation.id)
         try:
             await self._store.add_message(

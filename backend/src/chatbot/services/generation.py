@@ -17,6 +17,7 @@ from chatbot.engines.base import (
 )
 from chatbot.models.domain import ChatMessage
 from chatbot.models.errors import InvalidRequest
+from chatbot.models.schemas import CacheStatsResponse
 from chatbot.observability.metrics import Metrics
 from chatbot.services.limits import StreamLimiter
 
@@ -98,15 +99,37 @@ class GenerationService:
             seed=seed,
         )
 
+    def cache_stats(self, user_id: str) -> CacheStatsResponse:
+        """The engine's KV cache as a whole, and the caller's own share of its lookups."""
+        return CacheStatsResponse(
+            engine=self._settings.engine.value,
+            enabled=self.engine.cache_stats() is not None,
+            cache=self.engine.cache_stats(),
+            user=self.engine.user_cache_stats(user_id),
+        )
+
     async def start(
-        self, user_id: str, messages: Sequence[ChatMessage], sampling: SamplingParams
+        self,
+        user_id: str,
+        messages: Sequence[ChatMessage],
+        sampling: SamplingParams,
+        *,
+        public_messages: int = 0,
     ) -> MeteredGeneration:
-        """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long)."""
+        """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long).
+
+        ``public_messages``: how many leading messages are the server's own material, whose
+        KV cache all users share; everything after them is cached for ``user_id`` alone.
+        """
         release = self._limiter.acquire(user_id)
         try:
-            generation = await self.engine.submit(
-                GenerationRequest(messages=tuple(messages), sampling=sampling)
+            request = GenerationRequest(
+                messages=tuple(messages),
+                sampling=sampling,
+                cache_salt=user_id,
+                public_messages=public_messages,
             )
+            generation = await self.engine.submit(request)
         except BaseException:
             release()
             raise

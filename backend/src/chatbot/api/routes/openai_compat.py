@@ -83,6 +83,9 @@ async def create_chat_completion(
     if not any(m.role == "system" for m in messages):
         # The server's system prompt, so that both APIs share one cached preamble.
         messages.insert(0, ChatMessage(role="system", content=settings.system_prompt))
+    # A client's own system prompt is its own content, cached for it alone, unless it is
+    # the server's, which everyone shares.
+    server_prompt = messages[0] == ChatMessage(role="system", content=settings.system_prompt)
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     sampling = generations.sampling(
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -91,7 +94,9 @@ async def create_chat_completion(
         stop=stop,
         seed=body.seed,
     )
-    generation = await generations.start(user, messages, sampling)
+    generation = await generations.start(
+        user, messages, sampling, public_messages=1 if server_prompt else 0
+    )
     completion_id = f"chatcmpl-{uuid4().hex}"
     created = int(time.time())
     if body.stream:
