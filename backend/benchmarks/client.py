@@ -1,0 +1,64 @@
+"""One streamed chat completion against any OpenAI-compatible server, timed as the
+client sees it: TTFT is the time from sending the request to the first content token."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from benchmarks.servers import MODEL_ID
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    ttft_ms: float
+    total_ms: float
+    prompt_tokens: int
+    cached_tokens: int | None  # None: the server does not report it
+    completion_tokens: int
+
+
+def chat(
+    client: httpx.Client, key: str, messages: list[dict[str, str]], *, max_tokens: int
+) -> Reply:
+    body = {
+        "model": MODEL_ID,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    usage: dict[str, object] = {}
+    headers = {"Authorization": f"Bearer {key}"}
+    with client.stream("POST", "/chat/completions", json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
+        for line in response.iter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            for choice in chunk.get("choices") or []:
+                text = (choice.get("delta") or {}).get("content") or ""
+                if text:
+                    first = first or time.perf_counter()
+                    parts.append(text)
+            usage = chunk.get("usage") or usage
+    ended = time.perf_counter()
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Reply(
+        text="".join(parts),
+        ttft_ms=round(((first or ended) - sent) * 1000, 1),
+        total_ms=round((ended - sent) * 1000, 1),
+        prompt_tokens=int(str(usage.get("prompt_tokens", 0))),
+        cached_tokens=None if cached is None else int(cached),
+        completion_tokens=int(str(usage.get("completion_tokens", 0))),
+    )

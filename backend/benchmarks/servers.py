@@ -1,0 +1,185 @@
+"""The servers a benchmark compares, each started as its own process on loopback: the
+chatbot (cache off, live context only, tiered) and llama-cpp-python's OpenAI-compatible
+server (with and without its ``LlamaRAMCache``), on the same GGUF."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MODEL_ID = "bench-model"
+
+
+@dataclass
+class Target:
+    """A running server as the workloads see it."""
+
+    name: str
+    url: str  # OpenAI base URL, ending in /v1
+    keys: list[str]  # one bearer key per simulated user
+    sends_system_prompt: bool  # False: the server holds the shared system prompt itself
+    process: subprocess.Popen[bytes]
+    is_chatbot: bool
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        if not self.is_chatbot:
+            return None
+        response = httpx.get(
+            f"{self.url}/cache/stats", headers={"Authorization": f"Bearer {self.keys[0]}"}
+        )
+        response.raise_for_status()
+        stats: dict[str, Any] = response.json()
+        return stats
+
+    def peak_rss_mib(self) -> float:
+        """The server process's peak resident memory so far."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return 0.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"{url} did not become ready")
+
+
+@contextmanager
+def _running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[Any]:
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    try:
+        _wait_ready(ready_url, process)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
+def chatbot(
+    name: str,
+    *,
+    users: int,
+    system_prompt: str,
+    max_tokens: int,
+    cache: str,
+    ram_bytes: int = 2 * 1024**3,
+    disk_bytes: int = 8 * 1024**3,
+    context_tokens: int = 8192,
+) -> Iterator[Target]:
+    """``cache``: "off" (every prompt recomputed), "live" (the live context only, as before
+    the KV store existed) or "tiered" (live, RAM, disk)."""
+    port = _free_port()
+    keys = [f"bench-user-{u:04d}-key-0123456789" for u in range(users)]
+    with tempfile.TemporaryDirectory(prefix="bench-kv-") as kv_dir:
+        env = {
+            **os.environ,
+            "CHATBOT_HOST": "127.0.0.1",
+            "CHATBOT_PORT": str(port),
+            "CHATBOT_API_KEYS": ",".join(f"{k}=user{u}" for u, k in enumerate(keys)),
+            "CHATBOT_MODEL_ID": MODEL_ID,
+            "CHATBOT_SYSTEM_PROMPT": system_prompt,
+            "CHATBOT_CONTEXT_TOKENS": str(context_tokens),
+            "CHATBOT_MAX_TOKENS": str(max_tokens),
+            "CHATBOT_TEMPERATURE": "0",
+            "CHATBOT_MAX_STREAMS_PER_USER": "4",
+            "CHATBOT_LOG_LEVEL": "warning",
+            "CHATBOT_PREFIX_CACHE": "false" if cache == "off" else "true",
+            "CHATBOT_KV_RAM_BYTES": str(ram_bytes if cache == "tiered" else 0),
+            "CHATBOT_KV_DISK_BYTES": str(disk_bytes if cache == "tiered" else 0),
+            "CHATBOT_KV_DIR": kv_dir,
+        }
+        command = [sys.executable, "-m", "chatbot", "serve"]
+        url = f"http://127.0.0.1:{port}"
+        with _running(command, env, f"{url}/readyz") as process:
+            yield Target(
+                name=name,
+                url=f"{url}/v1",
+                keys=keys,
+                sends_system_prompt=False,
+                process=process,
+                is_chatbot=True,
+                notes={"cache": cache, "ram_bytes": ram_bytes, "disk_bytes": disk_bytes},
+            )
+
+
+@contextmanager
+def llama_cpp_server(
+    name: str,
+    *,
+    users: int,
+    model_path: Path,
+    cache: bool,
+    cache_bytes: int = 2 * 1024**3,
+    context_tokens: int = 8192,
+) -> Iterator[Target]:
+    """``python -m llama_cpp.server``; its cache option keeps ``Llama.save_state`` copies
+    in a ``LlamaRAMCache`` of ``cache_bytes`` (which counts the KV state, not the logits
+    each copy carries)."""
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--model_alias",
+        MODEL_ID,
+        "--n_ctx",
+        str(context_tokens),
+        "--n_threads",
+        str(os.cpu_count() or 1),
+        "--n_threads_batch",
+        str(os.cpu_count() or 1),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--verbose",
+        "false",
+    ]
+    if cache:
+        command += ["--cache", "true", "--cache_type", "ram", "--cache_size", str(cache_bytes)]
+    url = f"http://127.0.0.1:{port}/v1"
+    with _running(command, dict(os.environ), f"{url}/models") as process:
+        yield Target(
+            name=name,
+            url=url,
+            keys=["unused"] * users,
+            sends_system_prompt=True,
+            process=process,
+            is_chatbot=False,
+            notes={"cache": "LlamaRAMCache" if cache else "live context only"},
+        )
