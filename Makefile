@@ -33,8 +33,8 @@ lint: $(STAMP)
 format: $(STAMP)
 	cd backend && ../$(BIN)/ruff check --fix src tests benchmarks && ../$(BIN)/ruff format src tests benchmarks
 
-bench: model  ## TTFT of cold vs follow-up turns; results in backend/benchmarks/results/
-	cd backend && ../$(BIN)/python -m benchmarks.ttft
+bench: model  ## KV-cache benchmarks vs cache off and llama_cpp.server; results in backend/benchmarks/results/
+	cd backend && ../$(BIN)/python -m benchmarks all
 
 openapi: $(STAMP)  ## regenerate the API contract from the app
 	$(BIN)/chatbot openapi --output specs/001-lmcache-chatbot/contracts/openapi.yaml

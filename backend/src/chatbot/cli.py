@@ -73,5 +73,21 @@ def openapi(
         output.write_text(text)
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Run the KV-cache benchmarks: multi-round, repeated, long, all (see `chatbot bench
+    --help`). Each starts its own servers on loopback; results go to benchmarks/results/."""
+    try:
+        from benchmarks.cli import app as benchmarks_app
+    except ImportError as exc:  # installed without the dev extra
+        raise typer.BadParameter(
+            f"the benchmarks need the dev extra (pip install 'lmcache-chatbot[dev]'): {exc}"
+        ) from exc
+    benchmarks_app(args=ctx.args, prog_name="chatbot bench")
+
+
 def main() -> None:
     app()

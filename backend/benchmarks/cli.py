@@ -1,0 +1,374 @@
+"""``python -m benchmarks`` and ``chatbot bench``: the KV-cache benchmarks.
+
+Each workload runs, in one invocation and on the same machine, against the chatbot with
+its cache off, with its tiered KV cache, and against llama-cpp-python's own server with
+and without its cache, and writes JSON, a Markdown table and PNG plots to ``results/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from benchmarks import report
+from benchmarks.machine import describe
+from benchmarks.servers import Target, chatbot, llama_cpp_server
+from benchmarks.workloads import (
+    SYSTEM_PROMPT,
+    Row,
+    as_dicts,
+    long_conversation,
+    multi_round,
+    repeated_prompts,
+)
+
+RESULTS = Path(__file__).parent / "results"
+MIB = 1024**2
+
+app = typer.Typer(
+    help="Benchmarks of the KV cache: TTFT, hit rate and prefill compute, side by side with "
+    "the cache off and with llama-cpp-python's server.",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+Factory = Callable[[], AbstractContextManager[Target]]
+Workload = Callable[[Target, Callable[[Target], None]], list[Row]]
+
+
+def _command() -> str:
+    return "python -m benchmarks " + shlex.join(sys.argv[1:])
+
+
+def _model_path() -> Path:
+    from chatbot.config import Settings
+    from chatbot.engines.model_files import resolve_model_path
+
+    settings = Settings()
+    return resolve_model_path(settings.model_path, settings.cache_dir)
+
+
+def _targets(users: int, answer_tokens: int, *, peers: bool = True) -> dict[str, Factory]:
+    def ours(name: str, cache: str, **kw: int) -> Factory:
+        return lambda: chatbot(
+            name,
+            users=users,
+            system_prompt=SYSTEM_PROMPT,
+            max_tokens=answer_tokens,
+            cache=cache,
+            **kw,
+        )
+
+    def theirs(name: str, cache: bool) -> Factory:
+        return lambda: llama_cpp_server(name, users=users, model_path=_model_path(), cache=cache)
+
+    targets = {
+        "chatbot, cache off": ours("chatbot, cache off", "off"),
+        "chatbot, tiered KV cache": ours("chatbot, tiered KV cache", "tiered"),
+    }
+    if peers:
+        targets["llama_cpp.server"] = theirs("llama_cpp.server", False)
+        targets["llama_cpp.server --cache"] = theirs("llama_cpp.server --cache", True)
+    return targets
+
+
+def _run(factory: Factory, workload: Workload) -> report.Run:
+    with factory() as target:
+        typer.echo(f"  {target.name} ...", err=True)
+        before = target.cache_stats()
+        peak_bytes: dict[str, int] = {}
+
+        def observe(t: Target) -> None:
+            stats = t.cache_stats()
+            if stats and stats["cache"]:
+                for tier, s in stats["cache"]["tiers"].items():
+                    peak_bytes[tier] = max(peak_bytes.get(tier, 0), s["bytes"])
+
+        rows = as_dicts(workload(target, observe))
+        after = target.cache_stats()
+        run: report.Run = {
+            "target": target.name,
+            "notes": target.notes,
+            "rows": rows,
+            "peak_rss_mib": target.peak_rss_mib(),
+        }
+        if before and after and after["cache"]:
+            run["cache"] = after["cache"]
+            run["peak_bytes"] = peak_bytes
+            run["token_sources"] = _token_sources(before["cache"], after["cache"])
+        return run
+
+
+def _token_sources(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
+    sources = {
+        tier: after["tiers"][tier]["hit_tokens"] - before["tiers"][tier]["hit_tokens"]
+        for tier in after["tiers"]
+    }
+    requested = after["requested_tokens"] - before["requested_tokens"]
+    sources["computed"] = requested - sum(sources.values())
+    return sources
+
+
+def _write(name: str, result: dict[str, Any], lines: list[str]) -> None:
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    typer.echo("\n".join(lines))
+
+
+def _header(title: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    RESULTS.mkdir(exist_ok=True)
+    machine = describe()
+    described = ", ".join(f"{k}={v}" for k, v in settings.items())
+    lines = [
+        f"# {title}",
+        "",
+        f"`{_command()}` — {machine['cores']} cores ({machine['cpu']}), "
+        f"{machine['memory_gib']} GiB, {machine['date']}. Settings: {described}. "
+        "Greedy decoding; TTFT as the client sees it (request sent → first content token).",
+        "",
+    ]
+    return {"command": _command(), "machine": machine, "settings": settings}, lines
+
+
+def _follow_ups(row: dict[str, Any]) -> bool:
+    return bool(row["round"] >= 2)
+
+
+@app.command("multi-round")
+def multi_round_bench(
+    users: Annotated[int, typer.Option(help="Simulated users.")] = 6,
+    rounds: Annotated[int, typer.Option(help="Questions per user.")] = 4,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 24,
+    peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
+) -> dict[str, Any]:
+    """U users × R rounds, round-robin: the live context alone cannot serve them."""
+    settings = {"users": users, "rounds": rounds, "answer_tokens": answer_tokens}
+    result, lines = _header("Multi-round QA: U users × R rounds, interleaved", settings)
+    typer.echo("multi-round", err=True)
+    targets = _targets(users, answer_tokens, peers=peers)
+    targets["chatbot, live context only"] = lambda: chatbot(
+        "chatbot, live context only",
+        users=users,
+        system_prompt=SYSTEM_PROMPT,
+        max_tokens=answer_tokens,
+        cache="live",
+    )
+    # Budgets far below what the workload saves: RAM and disk must evict and stay within.
+    tight = {"ram_bytes": 24 * MIB, "disk_bytes": 48 * MIB}
+    targets["chatbot, tiered, tight budgets"] = lambda: chatbot(
+        "chatbot, tiered, tight budgets (24 MiB RAM, 48 MiB disk)",
+        users=users,
+        system_prompt=SYSTEM_PROMPT,
+        max_tokens=answer_tokens,
+        cache="tiered",
+        **tight,
+    )
+
+    def workload(target: Target, observe: Callable[[Target], None]) -> list[Row]:
+        return multi_round(
+            target, users=users, rounds=rounds, answer_tokens=answer_tokens, observe=observe
+        )
+
+    runs = [_run(factory, workload) for factory in targets.values()]
+    result["runs"] = runs
+
+    summary = {
+        run["target"]: {
+            "round 1": report.ttft_summary(r for r in run["rows"] if r["round"] == 1),
+            "rounds >= 2": report.ttft_summary(r for r in run["rows"] if _follow_ups(r)),
+            "cached share, rounds >= 2": report.cached_share(
+                r for r in run["rows"] if _follow_ups(r)
+            ),
+            "peak RSS (MiB)": run["peak_rss_mib"],
+        }
+        for run in runs
+    }
+    result["summary"] = summary
+    lines += report.table(
+        [
+            "server",
+            "round 1 TTFT p50 (ms)",
+            "rounds ≥ 2 TTFT p50 (ms)",
+            "rounds ≥ 2 TTFT p95 (ms)",
+            "cached share, rounds ≥ 2",
+            "peak RSS (MiB)",
+        ],
+        [
+            [
+                name,
+                s["round 1"].get("p50_ms"),
+                s["rounds >= 2"].get("p50_ms"),
+                s["rounds >= 2"].get("p95_ms"),
+                report.pct(s["cached share, rounds >= 2"]),
+                s["peak RSS (MiB)"],
+            ]
+            for name, s in summary.items()
+        ],
+    )
+    off = summary["chatbot, cache off"]["rounds >= 2"]
+    on = summary["chatbot, tiered KV cache"]["rounds >= 2"]
+    headline: dict[str, Any] = {
+        "ttft_p50_reduction": report.reduction(on["p50_ms"], off["p50_ms"]),
+        "ttft_p95_reduction": report.reduction(on["p95_ms"], off["p95_ms"]),
+    }
+    lines += [
+        "",
+        f"Rounds ≥ 2, tiered KV cache vs cache off: TTFT p50 "
+        f"{headline['ttft_p50_reduction']:.1%} lower, p95 {headline['ttft_p95_reduction']:.1%} "
+        "lower.",
+    ]
+    for peer in ("llama_cpp.server", "llama_cpp.server --cache"):
+        if peer in summary:
+            ratio = on["p50_ms"] / summary[peer]["rounds >= 2"]["p50_ms"]
+            headline[f"ttft_p50_ratio_vs {peer}"] = round(ratio, 4)
+            lines.append(f"Against {peer}: our TTFT p50 is {ratio:.2f}× theirs.")
+    tight_run = next(r for r in runs if r["target"].startswith("chatbot, tiered, tight"))
+    budgets = {
+        tier: {
+            "peak_bytes": tight_run["peak_bytes"].get(tier, 0),
+            "budget_bytes": s["budget_bytes"],
+            "evictions": s["evictions"],
+        }
+        for tier, s in tight_run["cache"]["tiers"].items()
+        if tier != "live"
+    }
+    headline["tight_budgets"] = budgets
+    lines += ["", "Tight budgets (the same workload; states saved far exceed them):", ""]
+    lines += report.table(
+        ["tier", "peak bytes", "budget bytes", "evictions"],
+        [[t, b["peak_bytes"], b["budget_bytes"], b["evictions"]] for t, b in budgets.items()],
+    )
+    result["headline"] = headline
+    report.plot_ttft_by_round(
+        runs, RESULTS / "multi_round_ttft.png", "Multi-round QA: TTFT by round", "round"
+    )
+    report.plot_cdf(
+        runs, RESULTS / "multi_round_cdf.png", "Multi-round QA: TTFT CDF, rounds ≥ 2", _follow_ups
+    )
+    lines += ["", "![TTFT by round](multi_round_ttft.png) ![CDF](multi_round_cdf.png)"]
+    _write("multi_round", result, lines)
+    return result
+
+
+@app.command("repeated")
+def repeated_bench(
+    users: Annotated[int, typer.Option(help="Simulated users.")] = 8,
+    prompts: Annotated[int, typer.Option(help="Distinct questions each user sends.")] = 3,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 16,
+    peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
+) -> dict[str, Any]:
+    """Many users sending the same questions after the same shared system prompt."""
+    settings = {"users": users, "prompts": prompts, "answer_tokens": answer_tokens}
+    result, lines = _header("Repeated prompts: U users × the same P questions", settings)
+    typer.echo("repeated", err=True)
+
+    def workload(target: Target, observe: Callable[[Target], None]) -> list[Row]:
+        return repeated_prompts(
+            target, users=users, prompts=prompts, answer_tokens=answer_tokens, observe=observe
+        )
+
+    runs = [_run(f, workload) for f in _targets(users, answer_tokens, peers=peers).values()]
+    result["runs"] = runs
+    body = []
+    for run in runs:
+        sources = run.get("token_sources")
+        total = sum(sources.values()) if sources else 0
+        split = (
+            ", ".join(f"{k} {v / total:.1%}" for k, v in sources.items() if v)
+            if sources and total
+            else "n/a"
+        )
+        hit = report.cached_share(run["rows"])
+        run["hit_rate"] = hit
+        body.append([run["target"], report.pct(hit), split, report.ttft_summary(run["rows"])])
+    lines += report.table(
+        ["server", "token hit rate", "where prompt tokens came from", "TTFT"], body
+    )
+    lines += [
+        "",
+        "A user's own words are salted per user, so across users only the shared preamble "
+        "(system prompt and examples) hits; the hit rate above is what that sharing buys.",
+        "",
+        "![hit split](repeated_hit_rate.png)",
+    ]
+    report.plot_hit_split(runs, RESULTS / "repeated_hit_rate.png", "Repeated prompts: tokens")
+    _write("repeated", result, lines)
+    return result
+
+
+@app.command("long")
+def long_bench(
+    turns: Annotated[int, typer.Option(help="Turns of the one conversation.")] = 24,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 24,
+    peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
+) -> dict[str, Any]:
+    """One long conversation: prefill compute spent with and without the cache."""
+    settings = {"turns": turns, "answer_tokens": answer_tokens}
+    result, lines = _header("One long conversation: prefill compute", settings)
+    typer.echo("long", err=True)
+
+    def workload(target: Target, observe: Callable[[Target], None]) -> list[Row]:
+        return long_conversation(target, turns=turns, answer_tokens=answer_tokens, observe=observe)
+
+    runs = [_run(f, workload) for f in _targets(1, answer_tokens, peers=peers).values()]
+    result["runs"] = runs
+    body = []
+    for run in runs:
+        rows = run["rows"]
+        known = all(r["cached_tokens"] is not None for r in rows)
+        computed = sum(r["prompt_tokens"] - (r["cached_tokens"] or 0) for r in rows)
+        run["prompt_tokens_computed"] = computed if known else None
+        body.append(
+            [
+                run["target"],
+                sum(r["prompt_tokens"] for r in rows),
+                computed if known else "n/a",
+                round(sum(r["ttft_ms"] for r in rows) / 1000, 2),
+                report.ttft_summary(rows).get("p50_ms"),
+            ]
+        )
+    lines += report.table(
+        ["server", "prompt tokens", "prompt tokens computed", "Σ TTFT (s)", "TTFT p50 (ms)"],
+        body,
+    )
+    off, on = (next(r for r in runs if r["target"] == n) for n in _targets(1, 1, peers=False))
+    cut = report.reduction(on["prompt_tokens_computed"], off["prompt_tokens_computed"])
+    ttft_cut = report.reduction(
+        sum(r["ttft_ms"] for r in on["rows"]), sum(r["ttft_ms"] for r in off["rows"])
+    )
+    result["headline"] = {"prefill_tokens_reduction": cut, "ttft_sum_reduction": ttft_cut}
+    lines += [
+        "",
+        f"Prefill compute with the tiered KV cache: {cut:.1%} fewer prompt tokens computed "
+        f"than with the cache off ({ttft_cut:.1%} less time to first token in total).",
+        "",
+        "![prefill](long_prefill.png)",
+    ]
+    report.plot_prefill(runs, RESULTS / "long_prefill.png", "Long conversation: prefill")
+    _write("long_conversation", result, lines)
+    return result
+
+
+@app.command("all")
+def all_benchmarks(
+    peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
+) -> None:
+    """All three workloads with their default sizes."""
+    multi_round_bench(peers=peers)
+    repeated_bench(peers=peers)
+    long_bench(peers=peers)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
