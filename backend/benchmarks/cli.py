@@ -122,7 +122,12 @@ def _write(name: str, result: dict[str, Any], lines: list[str]) -> None:
     typer.echo("\n".join(lines))
 
 
-def _header(title: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+_TIMING_NOTE = "Greedy decoding; TTFT as the client sees it (request sent → first content token)."
+
+
+def _header(
+    title: str, settings: dict[str, Any], note: str = _TIMING_NOTE
+) -> tuple[dict[str, Any], list[str]]:
     RESULTS.mkdir(exist_ok=True)
     machine = describe()
     described = ", ".join(f"{k}={v}" for k, v in settings.items())
@@ -130,8 +135,7 @@ def _header(title: str, settings: dict[str, Any]) -> tuple[dict[str, Any], list[
         f"# {title}",
         "",
         f"`{_command()}` — {machine['cores']} cores ({machine['cpu']}), "
-        f"{machine['memory_gib']} GiB, {machine['date']}. Settings: {described}. "
-        "Greedy decoding; TTFT as the client sees it (request sent → first content token).",
+        f"{machine['memory_gib']} GiB, {machine['date']}. Settings: {described}. {note}",
         "",
     ]
     return {"command": _command(), "machine": machine, "settings": settings}, lines
@@ -356,11 +360,62 @@ def long_bench(
     return result
 
 
+@app.command("state-io")
+def state_io_bench(
+    lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "200,1000,2000",
+) -> dict[str, Any]:
+    """Saving and loading KV state: our sequence-state path vs llama-cpp-python's caches."""
+    from benchmarks.state_io import measure
+
+    settings = {"lengths": lengths}
+    result, lines = _header(
+        "KV state in and out of the context",
+        settings,
+        "Median of 3 (a LlamaDiskCache read pops its entry, so its read and every write "
+        "are timed once).",
+    )
+    rows = measure(_model_path(), [int(n) for n in lengths.split(",")])
+    result["rows"] = rows
+    lines += report.table(
+        [
+            "tokens",
+            "ours: bytes",
+            "ours: save / load (ms)",
+            "ours: disk write / read (ms)",
+            "save_state: bytes (counted by LlamaRAMCache)",
+            "save_state / load_state (ms)",
+            "LlamaDiskCache write / read (ms)",
+        ],
+        [
+            [
+                r["tokens"],
+                f"{r['ours_bytes'] / MIB:.1f} MiB",
+                f"{r['ours_save_ms']} / {r['ours_load_ms']}",
+                f"{r['ours_disk_put_ms']} / {r['ours_disk_get_ms']}",
+                f"{r['llama_state_bytes'] / MIB:.1f} MiB "
+                f"({r['llama_state_counted_bytes'] / MIB:.1f})",
+                f"{r['save_state_ms']} / {r['load_state_ms']}",
+                f"{r['disk_cache_put_ms']} / {r['disk_cache_get_ms']}",
+            ]
+            for r in rows
+        ],
+    )
+    lines += [
+        "",
+        "`save_state` copies the whole context state plus the logits buffer (Gemma's 262k "
+        "vocabulary); `LlamaRAMCache` counts only the state against its budget. Ours is the "
+        "one sequence's KV state (`llama_state_seq_get_data`), nothing else.",
+    ]
+    _write("state_io", result, lines)
+    return result
+
+
 @app.command("all")
 def all_benchmarks(
     peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
 ) -> None:
-    """All three workloads with their default sizes."""
+    """Every benchmark with its default sizes."""
+    state_io_bench()
     multi_round_bench(peers=peers)
     repeated_bench(peers=peers)
     long_bench(peers=peers)

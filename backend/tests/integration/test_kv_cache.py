@@ -65,6 +65,7 @@ def generate(runner: LlamaRunner, prompt: PromptKey) -> tuple[list[int], str, Us
     )
     # The context holds the prompt and every generated token but the last one sampled.
     completion = runner.held_tokens()[len(prompt.tokens) :]
+    runner.save(prompt)
     return completion, "".join(pieces), usage
 
 

@@ -184,7 +184,6 @@ class LlamaRunner:
         rest = tokens[cached:-1]
         for i in range(0, len(rest), self._batch_tokens):
             if cancelled():
-                self._commit(key)
                 return _usage(key, reuse, 0), None, 0.0, None
             self._llm.eval(rest[i : i + self._batch_tokens])
 
@@ -238,10 +237,11 @@ class LlamaRunner:
             if tail:
                 first_text_at = first_text_at or time.perf_counter()
                 emit(held_space + tail)
-        self._commit(key)
         return _usage(key, reuse, len(completion)), reason, prefill_ms, first_text_at
 
-    def _commit(self, key: PromptKey) -> None:
+    def save(self, key: PromptKey) -> None:
+        """After a generation for ``key``, finished or not: let the KV cache keep what the
+        context now holds (the prompt as far as it got, and the answer)."""
         if self._kv_cache is not None:
             self._kv_cache.commit(self, key)
 
@@ -433,31 +433,44 @@ class EmbeddedEngine(EngineBase):
 
     def _run(self, job: _Job) -> None:
         """Runs on the worker thread."""
-        assert self._runner is not None
+        runner = self._runner
+        assert runner is not None
         started = time.perf_counter()
         try:
-            usage, reason, prefill_ms, first_at = self._runner.generate(
-                job.key,
-                job.sampling,
-                emit=lambda text: job.put(TokenDelta(text)),
-                cancelled=job.cancelled.is_set,
-                stops=chat_format.STOPS + job.sampling.stop,
-            )
-            if reason is not None:
-                ended = time.perf_counter()
-                timing = Timing(
-                    queue_ms=_ms(started - job.submitted_at),
-                    prefill_ms=round(prefill_ms, 3),
-                    ttft_ms=_ms((first_at or ended) - job.submitted_at),
-                    total_ms=_ms(ended - job.submitted_at),
-                )
-                job.put(Finished(usage=usage, timing=timing, finish_reason=reason))
+            self._generate(runner, job, started)
         except Exception:
             logger.exception("generation failed")
-            self._runner.forget()
+            runner.forget()
             job.put(EngineFailure("the model failed while generating"))
+            return
         finally:
             job.put(_END)
+        # Saved once the answer is out, so that the copy delays neither this stream nor
+        # its end; the next request waits for it, as it would for the worker anyway.
+        try:
+            runner.save(job.key)
+        except Exception:
+            logger.exception("saving the KV state failed")
+            runner.forget()
+
+    def _generate(self, runner: LlamaRunner, job: _Job, started: float) -> None:
+        usage, reason, prefill_ms, first_at = runner.generate(
+            job.key,
+            job.sampling,
+            emit=lambda text: job.put(TokenDelta(text)),
+            cancelled=job.cancelled.is_set,
+            stops=chat_format.STOPS + job.sampling.stop,
+        )
+        if reason is None:  # cancelled: the consumer has gone
+            return
+        ended = time.perf_counter()
+        timing = Timing(
+            queue_ms=_ms(started - job.submitted_at),
+            prefill_ms=round(prefill_ms, 3),
+            ttft_ms=_ms((first_at or ended) - job.submitted_at),
+            total_ms=_ms(ended - job.submitted_at),
+        )
+        job.put(Finished(usage=usage, timing=timing, finish_reason=reason))
 
 
 def _ms(seconds: float) -> float:

@@ -1,0 +1,78 @@
+"""Moving KV state in and out of a llama.cpp context: our sequence-state path against what
+llama-cpp-python's own caches store (``Llama.save_state``/``load_state``, kept whole by
+``LlamaRAMCache`` and pickled by ``LlamaDiskCache``)."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from llama_cpp.llama_cache import LlamaDiskCache, LlamaRAMCache
+
+from chatbot.engines.embedded import LlamaRunner
+from chatbot.kvcache.tiers import DiskTier, EntryMeta
+
+
+def _timed(action: Callable[[], object], repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def measure(model_path: Path, lengths: list[int]) -> list[dict[str, Any]]:
+    runner = LlamaRunner(model_path, context_tokens=4096, batch_tokens=512, threads=2)
+    llm = runner._llm  # the benchmark compares against the Llama object's own API
+    text = " ".join(f"Sentence number {i} talks about hiking gear." for i in range(600))
+    all_tokens = [llm.token_bos(), *llm.tokenize(text.encode(), add_bos=False)]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for n in lengths:
+            tokens = all_tokens[:n]
+            runner.clear()
+            llm.eval(tokens)
+            payload = runner.export_state()
+            ours_save = _timed(runner.export_state)
+            ours_load = _timed(partial(runner.import_state, payload, tokens))
+            disk = DiskTier(Path(folder) / f"ours-{n}", budget_bytes=2**34)
+            meta = EntryMeta(f"e{n}", tokens, 0, b"")
+            ours_disk_put = _timed(partial(disk.put, meta, payload), repeat=1)
+            ours_disk_get = _timed(partial(disk.get, meta.id))
+
+            state = llm.save_state()
+            theirs_bytes = state.llama_state_size + state.scores.nbytes + state.input_ids.nbytes
+            theirs_save = _timed(llm.save_state)
+            theirs_load = _timed(partial(llm.load_state, state))
+            ram = LlamaRAMCache(capacity_bytes=2**34)
+            ram_put = _timed(partial(ram.__setitem__, tokens, state), repeat=1)
+            disk_cache = LlamaDiskCache(cache_dir=str(Path(folder) / f"theirs-{n}"))
+            disk_put = _timed(partial(disk_cache.__setitem__, tokens, state), repeat=1)
+            # A read pops the entry from LlamaDiskCache, so it can be timed once.
+            disk_get = _timed(partial(disk_cache.__getitem__, tokens), repeat=1)
+            rows.append(
+                {
+                    "tokens": n,
+                    "ours_bytes": len(payload),
+                    "ours_save_ms": ours_save,
+                    "ours_load_ms": ours_load,
+                    "ours_disk_put_ms": ours_disk_put,
+                    "ours_disk_get_ms": ours_disk_get,
+                    "llama_state_bytes": theirs_bytes,
+                    "llama_state_counted_bytes": state.llama_state_size,
+                    "save_state_ms": theirs_save,
+                    "load_state_ms": theirs_load,
+                    "ram_cache_put_ms": ram_put,
+                    "disk_cache_put_ms": disk_put,
+                    "disk_cache_get_ms": disk_get,
+                }
+            )
+            del ram, disk_cache
+    runner.close()
+    return rows
