@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 Run = dict[str, Any]  # {"target": name, "rows": [...], "cache": {...}, "peak_rss_mib": ...}
 
@@ -64,8 +65,9 @@ def plot_ttft_by_round(runs: list[Run], path: Path, title: str, xlabel: str) -> 
         ]
         ax.plot(rounds, p50, marker="o", label=run["target"])
     ax.set(title=title, xlabel=xlabel, ylabel="TTFT p50 (ms)", yscale="log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -123,6 +125,7 @@ def plot_prefill(runs: list[Run], path: Path, title: str) -> None:
             cumulative.append(total)
         ax.plot([r["round"] for r in rows], cumulative, marker="o", label=run["target"])
     ax.set(title=title, xlabel="turn", ylabel="prompt tokens computed (cumulative)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -63,7 +63,12 @@ def prompt(owner: bytes, *private: int) -> PromptKey:
 
 def make_cache(tmp_path: Path, *, ram: int = 10**6, disk: int = 10**6) -> KVCache:
     return KVCache(
-        namespace=NS, chunk_tokens=CHUNK, ram_bytes=ram, disk_bytes=disk, disk_dir=tmp_path
+        namespace=NS,
+        chunk_tokens=CHUNK,
+        ram_bytes=ram,
+        disk_bytes=disk,
+        disk_dir=tmp_path,
+        min_load_gain=1,
     )
 
 
@@ -227,6 +232,19 @@ def test_counters_per_tier_and_per_owner(tmp_path: Path) -> None:
     assert (alice.lookups, alice.hit_tokens) == (3, 33)
     assert alice.hit_tokens_by_tier == {CacheTier.LIVE: 15, CacheTier.RAM: 18}
     assert cache.owner_stats(owner_digest("carol")).lookups == 0
+
+
+def test_a_saved_state_is_loaded_only_when_it_beats_the_live_context_enough(
+    tmp_path: Path,
+) -> None:
+    cache = KVCache(namespace=NS, chunk_tokens=CHUNK, ram_bytes=10**6, min_load_gain=6)
+    ctx = FakeContext()
+    ctx.run(cache, prompt(ALICE, 1, 2, 3), answer=(7, 7, 7))  # saves public + 6 tokens
+    ctx.run(cache, prompt(BOB, 9))  # the live context now holds Bob's
+    # A saved state 2 tokens longer than the live context's public part: not worth a copy.
+    assert cache.prepare(ctx, prompt(ALICE, 1, 2, 8, 8)).tier is CacheTier.LIVE
+    reuse = cache.prepare(ctx, prompt(ALICE, 1, 2, 3, 7, 7, 7, 4))
+    assert (reuse.tokens, reuse.tier) == (len(PUBLIC) + 6, CacheTier.RAM)
 
 
 def test_a_bad_chunk_size_is_refused() -> None:

@@ -99,15 +99,19 @@ class KVCache:
         ram_bytes: int = 0,
         disk_bytes: int = 0,
         disk_dir: Path | None = None,
+        min_load_gain: int = 16,
     ) -> None:
         """``namespace`` names what the states are valid for (model file, KV layout);
-        states saved under another namespace are never seen."""
+        states saved under another namespace are never seen. A saved state is loaded only
+        when it serves at least ``min_load_gain`` more tokens than the live context: the
+        copy costs a few milliseconds, about what prefilling that many tokens costs."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
         if disk_bytes > 0 and disk_dir is None:
             raise ValueError("a disk budget needs a disk_dir")
         self.namespace = namespace
         self.chunk_tokens = chunk_tokens
+        self.min_load_gain = min_load_gain
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
         self._by_hash: dict[bytes, dict[str, None]] = {}  # insertion-ordered sets
@@ -139,7 +143,7 @@ class KVCache:
             live = min(shareable_prefix(self._live, key), limit) if self._live else 0
             reuse = Reuse(live, CacheTier.LIVE if live else None)
             found = self._find(key, limit)
-            if found is not None and found[1] > live:
+            if found is not None and found[1] >= live + max(1, self.min_load_gain):
                 entry, n = found
                 if self._load(context, entry, n):
                     reuse = Reuse(n, entry.tier)
