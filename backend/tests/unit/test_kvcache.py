@@ -185,6 +185,18 @@ def test_the_disk_tier_survives_a_restart(tmp_path: Path) -> None:
     assert fresh.tokens == prompt(ALICE, 1, 2, 3, 4, 5, 7, 7).tokens
 
 
+def test_a_graceful_shutdown_moves_ram_to_disk(tmp_path: Path) -> None:
+    cache, ctx = make_cache(tmp_path), FakeContext()
+    ctx.run(cache, prompt(ALICE, 1, 2, 3, 4, 5))
+    ctx.run(cache, prompt(BOB, 6, 7, 8, 9))
+    cache.flush()
+    assert cache.stats().tiers[CacheTier.RAM].bytes == 0
+    restarted = make_cache(tmp_path)
+    assert restarted.stats().tiers[CacheTier.DISK].entries == 2
+    reuse = restarted.prepare(FakeContext(), prompt(BOB, 6, 7, 8, 9, 7, 7, 1))
+    assert (reuse.tokens, reuse.tier) == (len(PUBLIC) + 6, CacheTier.DISK)
+
+
 def test_a_damaged_disk_entry_is_ignored_with_a_warning(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

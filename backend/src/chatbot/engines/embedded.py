@@ -358,6 +358,8 @@ class EmbeddedEngine(EngineBase):
             job.put(_END)
             job.done.set()
         self._pending.clear()
+        if self._kv_cache is not None:
+            await asyncio.to_thread(self._kv_cache.flush)
         if self._runner is not None:
             self._runner.close()
             self._runner = None

@@ -175,6 +175,16 @@ class KVCache:
                 return
             self._put(live, context.export_state())
 
+    def flush(self) -> None:
+        """Move what RAM holds to disk, within its budget (on a graceful shutdown), so that
+        the next process starts warm. The most recently used states are kept first."""
+        with self._lock:
+            if self._disk is None:
+                return
+            for entry_id, payload in self._ram.drain():
+                self._spill(entry_id, payload)
+            logger.info("KV cache: %d saved states on disk", len(self._disk))
+
     def forget_live(self) -> None:
         """The context was cleared or is in an unknown state (a failed generation)."""
         with self._lock:

@@ -64,6 +64,13 @@ class RamTier:
             self._payloads.move_to_end(entry_id)
         return payload
 
+    def drain(self) -> list[tuple[str, bytearray]]:
+        """Give up every payload, least recently used first."""
+        drained = list(self._payloads.items())
+        self._payloads.clear()
+        self.used_bytes = 0
+        return drained
+
     def remove(self, entry_id: str) -> None:
         payload = self._payloads.pop(entry_id, None)
         if payload is not None:
