@@ -55,23 +55,24 @@ def _model_path() -> Path:
     return resolve_model_path(settings.model_path, settings.cache_dir)
 
 
-def _targets(users: int, answer_tokens: int, *, peers: bool = True) -> dict[str, Factory]:
-    def ours(name: str, cache: str, **kw: int) -> Factory:
-        return lambda: chatbot(
-            name,
-            users=users,
-            system_prompt=SYSTEM_PROMPT,
-            max_tokens=answer_tokens,
-            cache=cache,
-            **kw,
-        )
+def _ours(name: str, cache: str, users: int, answer_tokens: int, **budgets: int) -> Factory:
+    return lambda: chatbot(
+        name,
+        users=users,
+        system_prompt=SYSTEM_PROMPT,
+        max_tokens=answer_tokens,
+        cache=cache,
+        **budgets,
+    )
 
+
+def _targets(users: int, answer_tokens: int, *, peers: bool = True) -> dict[str, Factory]:
     def theirs(name: str, cache: bool) -> Factory:
         return lambda: llama_cpp_server(name, users=users, model_path=_model_path(), cache=cache)
 
     targets = {
-        "chatbot, cache off": ours("chatbot, cache off", "off"),
-        "chatbot, tiered KV cache": ours("chatbot, tiered KV cache", "tiered"),
+        name: _ours(name, cache, users, answer_tokens)
+        for name, cache in (("chatbot, cache off", "off"), ("chatbot, tiered KV cache", "tiered"))
     }
     if peers:
         targets["llama_cpp.server"] = theirs("llama_cpp.server", False)
@@ -157,22 +158,12 @@ def multi_round_bench(
     result, lines = _header("Multi-round QA: U users × R rounds, interleaved", settings)
     typer.echo("multi-round", err=True)
     targets = _targets(users, answer_tokens, peers=peers)
-    targets["chatbot, live context only"] = lambda: chatbot(
-        "chatbot, live context only",
-        users=users,
-        system_prompt=SYSTEM_PROMPT,
-        max_tokens=answer_tokens,
-        cache="live",
-    )
+    live = "chatbot, live context only"
+    targets[live] = _ours(live, "live", users, answer_tokens)
     # Budgets far below what the workload saves: RAM and disk must evict and stay within.
-    tight = {"ram_bytes": 16 * MIB, "disk_bytes": 24 * MIB}
-    targets["chatbot, tiered, tight budgets"] = lambda: chatbot(
-        "chatbot, tiered, tight budgets (16 MiB RAM, 24 MiB disk)",
-        users=users,
-        system_prompt=SYSTEM_PROMPT,
-        max_tokens=answer_tokens,
-        cache="tiered",
-        **tight,
+    tight = "chatbot, tiered, tight budgets (16 MiB RAM, 24 MiB disk)"
+    targets[tight] = _ours(
+        tight, "tiered", users, answer_tokens, ram_bytes=16 * MIB, disk_bytes=24 * MIB
     )
 
     def workload(target: Target, observe: Callable[[Target], None]) -> list[Row]:
@@ -233,7 +224,7 @@ def multi_round_bench(
             ratio = on["p50_ms"] / summary[peer]["rounds >= 2"]["p50_ms"]
             headline[f"ttft_p50_ratio_vs {peer}"] = round(ratio, 4)
             lines.append(f"Against {peer}: our TTFT p50 is {ratio:.2f}× theirs.")
-    tight_run = next(r for r in runs if r["target"].startswith("chatbot, tiered, tight"))
+    tight_run = next(r for r in runs if r["target"] == tight)
     budgets = {
         tier: {
             "peak_bytes": tight_run["peak_bytes"].get(tier, 0),

@@ -99,12 +99,13 @@ class KVCache:
         ram_bytes: int = 0,
         disk_bytes: int = 0,
         disk_dir: Path | None = None,
-        min_load_gain: int = 16,
+        min_load_gain: int = 4,
     ) -> None:
         """``namespace`` names what the states are valid for (model file, KV layout);
         states saved under another namespace are never seen. A saved state is loaded only
-        when it serves at least ``min_load_gain`` more tokens than the live context: the
-        copy costs a few milliseconds, about what prefilling that many tokens costs."""
+        when it serves at least ``min_load_gain`` more tokens than the live context: on the
+        2-core CPU a load takes about 7 ms and prefill about 2 ms a token (``chatbot bench
+        state-io``; 1.4 s for a 660-token prompt in the multi-round benchmark)."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
         if disk_bytes > 0 and disk_dir is None:
@@ -170,10 +171,11 @@ class KVCache:
             self._live = live
             if not self.stores_states or len(held) < self.chunk_tokens:
                 return
-            found = self._find(live, len(held))
+            hashes = self._hashes(live)
+            found = self._find(live, len(held), hashes)
             if found is not None and found[1] >= len(held):
                 return
-            self._put(live, context.export_state())
+            self._put(live, context.export_state(), hashes)
 
     def flush(self) -> None:
         """Move what RAM holds to disk, within its budget (on a graceful shutdown), so that
@@ -192,9 +194,13 @@ class KVCache:
 
     # -- lookup, load, store ---------------------------------------------------------------
 
-    def _find(self, key: PromptKey, limit: int) -> tuple[_Entry, int] | None:
-        hashes = chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
-        for h in reversed(hashes):
+    def _hashes(self, key: PromptKey) -> list[bytes]:
+        return chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
+
+    def _find(
+        self, key: PromptKey, limit: int, hashes: list[bytes] | None = None
+    ) -> tuple[_Entry, int] | None:
+        for h in reversed(hashes if hashes is not None else self._hashes(key)):
             ids = self._by_hash.get(h)
             if not ids:
                 continue
@@ -219,12 +225,12 @@ class KVCache:
         self._drop(entry.meta.id)
         return False
 
-    def _put(self, key: PromptKey, payload: bytearray) -> None:
+    def _put(self, key: PromptKey, payload: bytearray, hashes: list[bytes]) -> None:
         entry_id = _entry_id(self.namespace, key)
         if entry_id in self._entries:
             return
         meta = EntryMeta(entry_id, array("i", key.tokens), key.public_tokens, key.owner)
-        hashes = self._supersede(meta)
+        self._supersede(meta, hashes)
         if self._ram.fits(len(payload)):
             self._index(meta, CacheTier.RAM, len(payload), hashes)
             self._counters.tiers[CacheTier.RAM].stores += 1
@@ -253,11 +259,9 @@ class KVCache:
         self._index(meta, CacheTier.DISK, self._disk_size(meta.id), hashes)
         self._counters.tiers[CacheTier.DISK].stores += 1
 
-    def _supersede(self, meta: EntryMeta) -> list[bytes]:
-        """Drop entries that ``meta`` makes redundant: earlier states of the same
-        conversation. Returns ``meta``'s chunk hashes."""
-        key = PromptKey(meta.tokens, meta.public_tokens, meta.owner)
-        hashes = chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
+    def _supersede(self, meta: EntryMeta, hashes: list[bytes]) -> None:
+        """Drop entries that ``meta`` (whose chunk hashes are ``hashes``) makes redundant:
+        earlier states of the same conversation."""
         for h in hashes:
             for old_id in list(self._by_last_hash.get(h, ())):
                 old = self._entries[old_id].meta
@@ -266,7 +270,6 @@ class KVCache:
                 is_prefix = common_prefix_length(old.tokens, meta.tokens) == len(old.tokens)
                 if is_prefix and (same_owner or public):
                     self._drop(old_id)
-        return hashes
 
     # -- the index -------------------------------------------------------------------------
 
@@ -274,8 +277,7 @@ class KVCache:
         self, meta: EntryMeta, tier: CacheTier, size: int, hashes: list[bytes] | None = None
     ) -> None:
         if hashes is None:
-            key = PromptKey(meta.tokens, meta.public_tokens, meta.owner)
-            hashes = chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
+            hashes = self._hashes(PromptKey(meta.tokens, meta.public_tokens, meta.owner))
         if not hashes:  # shorter than a chunk: no prompt could ever find it
             self._drop_bytes(meta.id, tier)
             return

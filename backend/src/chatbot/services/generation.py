@@ -101,10 +101,11 @@ class GenerationService:
 
     def cache_stats(self, user_id: str) -> CacheStatsResponse:
         """The engine's KV cache as a whole, and the caller's own share of its lookups."""
+        cache = self.engine.cache_stats()
         return CacheStatsResponse(
             engine=self._settings.engine.value,
-            enabled=self.engine.cache_stats() is not None,
-            cache=self.engine.cache_stats(),
+            enabled=cache is not None,
+            cache=cache,
             user=self.engine.user_cache_stats(user_id),
         )
 
