@@ -128,7 +128,7 @@ class KVCache:
         if self._disk is not None:
             for meta in self._disk.scan():
                 self._index(meta, CacheTier.DISK, self._disk_size(meta.id))
-            logger.info("KV cache: %d saved states found on disk", len(self._disk))
+            logger.info("KV cache: saved states found on disk: %d", len(self._disk))
 
     @property
     def stores_states(self) -> bool:
@@ -185,7 +185,7 @@ class KVCache:
                 return
             for entry_id, payload in self._ram.drain():
                 self._spill(entry_id, payload)
-            logger.info("KV cache: %d saved states on disk", len(self._disk))
+            logger.info("KV cache: saved states on disk: %d", len(self._disk))
 
     def forget_live(self) -> None:
         """The context was cleared or is in an unknown state (a failed generation)."""
