@@ -12,10 +12,17 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic import AliasChoices, ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOCAL_USER = "local"
+
+
+class RouterKind(StrEnum):
+    """How the agent of an ``auto`` conversation's turn is chosen."""
+
+    RULES = "rules"  # deterministic rules over the message and the conversation: no model call
+    LLM = "llm"  # the model picks, behind a routing prompt that is a shared, cached prefix
 
 
 class EngineKind(StrEnum):
@@ -39,7 +46,11 @@ def _is_loopback(host: str) -> bool:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="CHATBOT_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="CHATBOT_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
     )
 
     # --- server
@@ -103,6 +114,43 @@ class Settings(BaseSettings):
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
 
+    # --- agents
+    router: RouterKind = RouterKind.RULES
+    docs_dir: Path | None = Field(
+        default=None,
+        description="Folder of .md/.txt documents the knowledge agent answers from; "
+        "default: the bundled product documentation.",
+    )
+    docs_max_chars: int = Field(
+        default=16_000,
+        ge=0,
+        description="Most characters of documents placed in the shared prompt prefix; "
+        "more refuses to start (they would crowd the context window out).",
+    )
+    compact_at: float = Field(
+        default=0.75,
+        gt=0.1,
+        le=1.0,
+        description="Share of the context window at which a conversation's oldest turns are "
+        "summarised into a new stable prefix.",
+    )
+    compact_keep_messages: int = Field(
+        default=4, ge=0, description="Most recent messages a compaction keeps word for word."
+    )
+
+    # --- tracing: Langfuse's own variables, so its documentation applies as written
+    langfuse_public_key: str | None = Field(
+        default=None, validation_alias="LANGFUSE_PUBLIC_KEY", repr=False
+    )
+    langfuse_secret_key: str | None = Field(
+        default=None, validation_alias="LANGFUSE_SECRET_KEY", repr=False
+    )
+    langfuse_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("LANGFUSE_BASE_URL", "LANGFUSE_HOST"),
+        description="The Langfuse server; unset: Langfuse Cloud.",
+    )
+
     # --- limits
     queue_size: int = Field(default=32, ge=0, description="Requests waiting for the engine.")
     max_streams_per_user: int = Field(default=4, ge=1)
@@ -138,6 +186,10 @@ class Settings(BaseSettings):
             )
         if self.max_tokens > self.max_tokens_limit:
             raise ValueError("CHATBOT_MAX_TOKENS exceeds CHATBOT_MAX_TOKENS_LIMIT")
+        if self.docs_dir is not None and not self.docs_dir.is_dir():
+            raise ValueError(f"CHATBOT_DOCS_DIR {self.docs_dir} is not a folder")
+        if bool(self.langfuse_public_key) != bool(self.langfuse_secret_key):
+            raise ValueError("set both LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY, or neither")
         if self.model_path is not None and not self.model_path.is_file():
             raise ValueError(f"CHATBOT_MODEL_PATH {self.model_path} is not a file")
         return self
@@ -145,6 +197,10 @@ class Settings(BaseSettings):
     @property
     def kv_folder(self) -> Path:
         return self.kv_dir if self.kv_dir is not None else self.cache_dir / "kv"
+
+    @property
+    def tracing_enabled(self) -> bool:
+        return bool(self.langfuse_public_key and self.langfuse_secret_key)
 
     @property
     def auth_enabled(self) -> bool:

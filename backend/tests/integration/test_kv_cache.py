@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from chatbot.agents.documents import load_documents
+from chatbot.agents.layout import preamble
 from chatbot.engines import chat_format
 from chatbot.engines.base import GenerationRequest, SamplingParams
 from chatbot.engines.embedded import EmbeddedEngine, LlamaRunner, state_namespace
@@ -111,8 +113,9 @@ def public_tokens(server: LiveServer) -> int:
     engine = server.services.engine
     assert isinstance(engine, EmbeddedEngine)
     settings = server.services.settings
+    documents = load_documents(settings.docs_dir, max_chars=settings.docs_max_chars)
     request = GenerationRequest(
-        messages=(ChatMessage(role="system", content=settings.system_prompt),),
+        messages=(preamble(settings.system_prompt, documents),),
         sampling=GREEDY_16,
         cache_salt="anyone",
         public_messages=1,

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from chatbot.models.domain import ChatMessage, Message, MessageStatus
+from chatbot.agents.layout import kept_messages
+from chatbot.models.domain import Message, MessageStatus
 from chatbot.models.errors import RateLimited
-from chatbot.services.conversations import prompt_history
 from chatbot.services.limits import StreamLimiter
 
 
@@ -12,8 +12,8 @@ def message(role: str, content: str, status: MessageStatus = MessageStatus.COMPL
     return Message(conversation_id="c", role=role, content=content, status=status)  # type: ignore[arg-type]
 
 
-def test_prompt_history_leaves_out_failed_and_empty_answers_with_their_questions() -> None:
-    history = prompt_history(
+def test_history_leaves_out_failed_and_empty_answers_with_their_questions() -> None:
+    history = kept_messages(
         [
             message("user", "q1"),
             message("assistant", "a1"),
@@ -25,12 +25,7 @@ def test_prompt_history_leaves_out_failed_and_empty_answers_with_their_questions
             message("assistant", "stopped early", MessageStatus.CANCELLED),
         ]
     )
-    assert history == [
-        ChatMessage(role="user", content="q1"),
-        ChatMessage(role="assistant", content="a1"),
-        ChatMessage(role="user", content="q4"),
-        ChatMessage(role="assistant", content="stopped early"),
-    ]
+    assert [m.content for m in history] == ["q1", "a1", "q4", "stopped early"]
 
 
 def test_stream_limiter_counts_per_user_and_releases_once() -> None:

@@ -6,8 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from langgraph.checkpoint.memory import InMemorySaver
 
 from chatbot import __version__
+from chatbot.agents.documents import load_documents
+from chatbot.agents.graph import Agents
+from chatbot.agents.state import checkpoint_serializer
 from chatbot.api.deps import Services
 from chatbot.api.errors import install_error_handlers
 from chatbot.api.middleware import RequestContextMiddleware
@@ -16,6 +20,7 @@ from chatbot.config import Settings
 from chatbot.engines.base import Engine
 from chatbot.engines.factory import create_engine
 from chatbot.observability.metrics import Metrics
+from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
 from chatbot.services.limits import StreamLimiter
@@ -28,8 +33,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        documents = load_documents(settings.docs_dir, max_chars=settings.docs_max_chars)
         running = engine if engine is not None else create_engine(settings)
         await running.start()
+        tracer = Tracer(settings)
         try:
             metrics.watch_queue(lambda: running.queue_depth)
             metrics.watch_kv_cache(running.cache_stats)
@@ -41,10 +48,23 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                 metrics=metrics,
                 engine=running,
                 generations=generations,
-                conversations=ConversationService(InMemoryStore(), generations, settings),
+                conversations=ConversationService(
+                    InMemoryStore(),
+                    generations,
+                    Agents(
+                        settings,
+                        documents,
+                        InMemorySaver(serde=checkpoint_serializer()),
+                        metrics,
+                        model_name=running.model_id,
+                    ),
+                    tracer,
+                    settings,
+                ),
             )
             yield
         finally:
+            tracer.shutdown()
             await running.aclose()
 
     app = FastAPI(

@@ -16,7 +16,8 @@ from chatbot.models.domain import ChatMessage
 
 USER_PREFIX = "User:"
 ASSISTANT_PREFIX = "Assistant:"
-STOPS = ("\nUser:", "\nAssistant:")
+SYSTEM_PREFIX = "System:"
+STOPS = ("\nUser:", "\nAssistant:", "\nSystem:")
 
 FEW_SHOT: tuple[tuple[str, str], ...] = (
     ("Hi! Who are you?", "Hello! I am an AI assistant. How can I help you today?"),
@@ -48,19 +49,23 @@ class RenderedPrompt:
 def render(
     messages: Sequence[ChatMessage], *, few_shot: bool, public_messages: int = 0
 ) -> RenderedPrompt:
-    """The prompt as text segments; the last one leaves the assistant to speak."""
-    system = [m.content for m in messages if m.role == "system"]
-    header = "\n\n".join(system) if system else DEFAULT_HEADER
-    # The header gathers every system message, so it is public only if all of them are.
-    public = all(i < public_messages for i, m in enumerate(messages) if m.role == "system")
+    """The prompt as text segments; the last one leaves the assistant to speak.
+
+    Leading system messages make the header, ahead of the few-shot examples; a system
+    message later in the chat (an agent's instruction) is a ``System:`` line in place.
+    """
+    leading = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
+    public_leading = min(leading, public_messages)
+    # The header is public if it is made of public messages only; a client's own system
+    # prompt, which is not, then makes the whole header.
+    head = public_leading if public_leading else leading
+    header = "\n\n".join(m.content for m in messages[:head]) if head else DEFAULT_HEADER
     segments = [header + "\n\n"]
     if few_shot:
         for question, answer in FEW_SHOT:
             segments += _exchange(question, answer)
-    public_segments = len(segments) if public else 0
-    for i, message in enumerate(messages):
-        if message.role == "system":
-            continue
+    public_segments = len(segments) if head == public_leading else 0
+    for i, message in enumerate(messages[head:], start=head):
         still_public = public_segments == len(segments) and i < public_messages
         segments += _message(message)
         if still_public:
@@ -70,6 +75,8 @@ def render(
 
 
 def _message(message: ChatMessage) -> list[str]:
+    if message.role == "system":
+        return [SYSTEM_PREFIX, f" {message.content.strip()}\n"]
     if message.role == "user":
         return [USER_PREFIX, f" {message.content.strip()}\n"]
     return [ASSISTANT_PREFIX, f" {message.content.strip()}\n\n"]

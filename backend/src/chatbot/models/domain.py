@@ -51,6 +51,16 @@ class Timing(BaseModel):
     total_ms: float = Field(ge=0, description="From admission to the last token.")
 
 
+class AgentName(StrEnum):
+    ASSISTANT = "assistant"  # general conversation
+    KNOWLEDGE = "knowledge"  # answers from the documents in the shared prefix
+    SUMMARIZER = "summarizer"  # summarises the conversation or a pasted text
+
+
+AUTO: Literal["auto"] = "auto"
+"""A conversation's ``agent`` when the router picks one per turn."""
+
+
 class MessageStatus(StrEnum):
     COMPLETE = "complete"
     CANCELLED = "cancelled"  # the client went away or stopped it; the partial answer is kept
@@ -61,7 +71,7 @@ class Conversation(BaseModel):
     id: str = Field(default_factory=lambda: new_id("conv"))
     user_id: str
     title: str
-    agent: str
+    agent: AgentName | Literal["auto"] = AUTO
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -75,3 +85,7 @@ class Message(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     usage: Usage | None = None
     timing: Timing | None = None
+    agent: AgentName | None = None
+    """The agent that answered (assistant messages)."""
+    route_reason: str | None = None
+    """Why the router chose that agent."""

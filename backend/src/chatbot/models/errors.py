@@ -88,3 +88,7 @@ class EngineOverloaded(ServiceUnavailable):
 class EngineFailure(ChatbotError):
     type = "engine_error"
     code = "generation_failed"
+
+
+class ConfigurationError(Exception):
+    """The server cannot start as configured; the message says which setting to change."""

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import MessageStatus, Role, Timing, Usage
+from chatbot.models.domain import AUTO, AgentName, MessageStatus, Role, Timing, Usage
 
 Title = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -30,7 +30,10 @@ class ConversationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: Title = "New conversation"
-    agent: Literal["assistant"] = "assistant"
+    agent: AgentName | Literal["auto"] = Field(
+        default=AUTO,
+        description="Pin every turn to one agent, or `auto`: the router picks one per turn.",
+    )
 
 
 class ConversationUpdate(BaseModel):
@@ -42,7 +45,7 @@ class ConversationUpdate(BaseModel):
 class ConversationOut(BaseModel):
     id: str
     title: str
-    agent: str
+    agent: AgentName | Literal["auto"]
     created_at: datetime
     updated_at: datetime
 
@@ -76,6 +79,8 @@ class MessageOut(BaseModel):
     created_at: datetime
     usage: Usage | None = None
     timing: Timing | None = None
+    agent: AgentName | None = Field(default=None, description="The agent that answered.")
+    route_reason: str | None = Field(default=None, description="Why the router chose that agent.")
 
 
 class MessageList(BaseModel):

@@ -22,34 +22,41 @@ class Metrics:
         self.ttft = Histogram(
             "chatbot_ttft_seconds",
             "Time from admission to the first streamed token.",
-            ["engine"],
+            ["engine", "agent"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.prefill = Histogram(
             "chatbot_prefill_seconds",
             "Time spent computing the uncached prompt tokens.",
-            ["engine"],
+            ["engine", "agent"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.prompt_tokens = Counter(
             "chatbot_prompt_tokens",
             "Prompt tokens of finished generations.",
-            ["engine"],
+            ["engine", "agent"],
             registry=r,
         )
         self.cached_tokens = Counter(
             "chatbot_cached_tokens",
             "Prompt tokens whose KV state was reused instead of recomputed.",
-            ["engine"],
+            ["engine", "agent"],
             registry=r,
         )
         self.completion_tokens = Counter(
-            "chatbot_completion_tokens", "Generated tokens.", ["engine"], registry=r
+            "chatbot_completion_tokens", "Generated tokens.", ["engine", "agent"], registry=r
         )
         self.generations = Counter(
             "chatbot_generations", "Generations by outcome.", ["engine", "outcome"], registry=r
+        )
+        self.prefix_breaks = Counter(
+            "chatbot_prefix_breaks",
+            "Conversation turns whose prompt did not extend the previous turn's prompt and "
+            "answer, so the KV cache could not cover the history.",
+            ["reason"],
+            registry=r,
         )
         self.requests = Counter(
             "chatbot_requests",
@@ -64,12 +71,14 @@ class Metrics:
             "chatbot_engine_queue_depth", "Requests waiting for the engine.", registry=r
         )
 
-    def observe_generation(self, engine: str, usage: Usage, timing: Timing) -> None:
-        self.ttft.labels(engine).observe(timing.ttft_ms / 1000)
-        self.prefill.labels(engine).observe(timing.prefill_ms / 1000)
-        self.prompt_tokens.labels(engine).inc(usage.prompt_tokens)
-        self.cached_tokens.labels(engine).inc(usage.cached_tokens)
-        self.completion_tokens.labels(engine).inc(usage.completion_tokens)
+    def observe_generation(self, engine: str, agent: str, usage: Usage, timing: Timing) -> None:
+        """``agent``: the agent answering, "router" or "compaction" for the graph's own calls,
+        "none" for the OpenAI-compatible API."""
+        self.ttft.labels(engine, agent).observe(timing.ttft_ms / 1000)
+        self.prefill.labels(engine, agent).observe(timing.prefill_ms / 1000)
+        self.prompt_tokens.labels(engine, agent).inc(usage.prompt_tokens)
+        self.cached_tokens.labels(engine, agent).inc(usage.cached_tokens)
+        self.completion_tokens.labels(engine, agent).inc(usage.completion_tokens)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)

@@ -24,7 +24,7 @@ from chatbot.services.limits import StreamLimiter
 logger = logging.getLogger(__name__)
 
 
-class MeteredGeneration:
+class MeteredGeneration(Generation):
     """An engine generation that counts itself and gives back its user's stream slot."""
 
     def __init__(
@@ -32,25 +32,28 @@ class MeteredGeneration:
         generation: Generation,
         *,
         engine_name: str,
+        agent: str,
         metrics: Metrics,
         release: Callable[[], None],
     ) -> None:
         self._generation = generation
         self._engine_name = engine_name
+        self._agent = agent
         self._metrics = metrics
         self._release = release
-        self.finished: Finished | None = None
 
-    async def events(self) -> AsyncIterator[EngineEvent]:
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[EngineEvent]:
         outcome = "cancelled"
         try:
             with self._metrics.stream():
                 async for event in self._generation:
                     if isinstance(event, Finished):
-                        self.finished = event
                         outcome = "complete"
                         self._metrics.observe_generation(
-                            self._engine_name, event.usage, event.timing
+                            self._engine_name, self._agent, event.usage, event.timing
                         )
                     yield event
         except Exception:
@@ -116,11 +119,13 @@ class GenerationService:
         sampling: SamplingParams,
         *,
         public_messages: int = 0,
+        agent: str = "none",
     ) -> MeteredGeneration:
         """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long).
 
         ``public_messages``: how many leading messages are the server's own material, whose
         KV cache all users share; everything after them is cached for ``user_id`` alone.
+        ``agent`` labels the metrics (see ``Metrics.observe_generation``).
         """
         release = self._limiter.acquire(user_id)
         try:
@@ -137,6 +142,7 @@ class GenerationService:
         return MeteredGeneration(
             generation,
             engine_name=self._settings.engine.value,
+            agent=agent,
             metrics=self._metrics,
             release=release,
         )

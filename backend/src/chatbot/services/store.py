@@ -1,4 +1,7 @@
-"""The conversation store: an interface, and the in-memory implementation (the default).
+"""The conversation index: an interface, and the in-memory implementation (the default).
+
+It holds what lists and owns conversations (owner, title, pinned agent, times); their
+messages are the agents' graph state, kept by its checkpointer, and nowhere else.
 
 Every read and write takes the owner's user id, so that no code path can reach another
 user's conversation: to a caller, someone else's conversation does not exist.
@@ -8,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
+from datetime import datetime
 
-from chatbot.models.domain import Conversation, Message, utcnow
+from chatbot.models.domain import Conversation, utcnow
 from chatbot.models.errors import NotFound
 
 
@@ -35,16 +39,13 @@ class ConversationStore(ABC):
     async def delete(self, user_id: str, conversation_id: str) -> None: ...
 
     @abstractmethod
-    async def add_message(self, user_id: str, message: Message) -> None: ...
-
-    @abstractmethod
-    async def messages(self, user_id: str, conversation_id: str) -> list[Message]: ...
+    async def touch(self, user_id: str, conversation_id: str, when: datetime) -> None:
+        """Record activity (a new message) at ``when``."""
 
 
 class InMemoryStore(ConversationStore):
     def __init__(self) -> None:
         self._conversations: dict[str, Conversation] = {}
-        self._messages: dict[str, list[Message]] = {}
         self._lock = asyncio.Lock()
 
     def _owned(self, user_id: str, conversation_id: str) -> Conversation:
@@ -56,7 +57,6 @@ class InMemoryStore(ConversationStore):
     async def create(self, conversation: Conversation) -> None:
         async with self._lock:
             self._conversations[conversation.id] = conversation
-            self._messages[conversation.id] = []
 
     async def get(self, user_id: str, conversation_id: str) -> Conversation:
         return self._owned(user_id, conversation_id)
@@ -86,16 +86,10 @@ class InMemoryStore(ConversationStore):
         async with self._lock:
             self._owned(user_id, conversation_id)
             del self._conversations[conversation_id]
-            del self._messages[conversation_id]
 
-    async def add_message(self, user_id: str, message: Message) -> None:
+    async def touch(self, user_id: str, conversation_id: str, when: datetime) -> None:
         async with self._lock:
-            conversation = self._owned(user_id, message.conversation_id)
-            self._messages[conversation.id].append(message)
-            self._conversations[conversation.id] = conversation.model_copy(
-                update={"updated_at": message.created_at}
+            conversation = self._owned(user_id, conversation_id)
+            self._conversations[conversation_id] = conversation.model_copy(
+                update={"updated_at": when}
             )
-
-    async def messages(self, user_id: str, conversation_id: str) -> list[Message]:
-        self._owned(user_id, conversation_id)
-        return list(self._messages[conversation_id])

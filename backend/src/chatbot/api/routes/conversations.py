@@ -36,8 +36,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 _STREAM_DOC = """With `"stream": true` (the default) the answer streams as Server-Sent Events:
-`message.start` `{conversation_id, message_id}`, `token` `{delta}` (many), then either
-`message.end` `{message_id, content, usage, timing}` or `error` `{error: {type, message}}`.
+`message.start` `{conversation_id, message_id, agent, route_reason}`, `token` `{delta}`
+(many), then either `message.end` `{message_id, status, content, usage, timing, agent,
+route_reason}` or `error` `{error: {type, message, code}}`.
 With `"stream": false` the answer comes back as one JSON message."""
 
 
@@ -145,9 +146,15 @@ async def _answer(turn: Turn) -> MessageOut:
 async def _sse_events(turn: Turn) -> AsyncIterator[str]:
     async for event in turn.events():
         match event:
-            case TurnStarted(conversation_id=conversation_id, message_id=message_id):
+            case TurnStarted():
                 yield sse(
-                    "message.start", {"conversation_id": conversation_id, "message_id": message_id}
+                    "message.start",
+                    {
+                        "conversation_id": event.conversation_id,
+                        "message_id": event.message_id,
+                        "agent": event.agent.value,
+                        "route_reason": event.route_reason,
+                    },
                 )
             case TurnDelta(text=text):
                 yield sse("token", {"delta": text})
@@ -160,6 +167,8 @@ async def _sse_events(turn: Turn) -> AsyncIterator[str]:
                         "content": message.content,
                         "usage": message.usage.model_dump() if message.usage else None,
                         "timing": message.timing.model_dump() if message.timing else None,
+                        "agent": message.agent.value if message.agent else None,
+                        "route_reason": message.route_reason,
                     },
                 )
             case TurnFailed(error=error):

@@ -118,7 +118,7 @@ async def _complete(
     generation: MeteredGeneration, completion_id: str, created: int, model_id: str
 ) -> ChatCompletion:
     parts: list[str] = []
-    async for event in generation.events():
+    async for event in generation:
         if isinstance(event, TokenDelta):
             parts.append(event.text)
         else:
@@ -153,7 +153,7 @@ async def _chunks(
 
     yield chunk(Delta(role="assistant", content=""))
     try:
-        async for event in generation.events():
+        async for event in generation:
             if isinstance(event, TokenDelta):
                 yield chunk(Delta(content=event.text))
             else:

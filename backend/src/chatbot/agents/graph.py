@@ -1,0 +1,352 @@
+"""One conversation turn as a LangGraph ``StateGraph``::
+
+    START → route ─┬─→ compact ─┬─→ assistant | knowledge | summarizer → END
+                   └────────────┘
+
+The conversation id is the thread id and the checkpointer holds the conversation's state.
+The graph reports through LangGraph's custom stream: ``Admitted`` once the engine took the
+answer (or ``Rejected`` if it could not), ``Token`` per piece of text, and ``Answered`` with
+the stored answer. A turn is stopped through its ``TurnControl``, never by cancelling the
+graph: the agent node then still stores the answer as far as it got.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, cast
+
+from langchain_core.runnables import RunnableConfig
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.config import get_config
+from langgraph.graph import END, START, StateGraph
+from langgraph.graph.state import CompiledStateGraph
+from langgraph.runtime import Runtime
+
+from chatbot.agents import layout
+from chatbot.agents.documents import Document
+from chatbot.agents.llm import AdmittedGeneration, langchain_messages
+from chatbot.agents.router import RuleRouter, parse_route, routing_prompt
+from chatbot.agents.state import ConversationState, Route, Summary
+from chatbot.config import RouterKind, Settings
+from chatbot.engines.base import Generation, SamplingParams, TokenDelta
+from chatbot.models.domain import AgentName, ChatMessage, Message, MessageStatus, new_id
+from chatbot.models.errors import ChatbotError, EngineFailure
+from chatbot.observability.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+Admit = Callable[[layout.Prompt, str, SamplingParams], Awaitable[Generation]]
+"""Admits a prompt to the engine for an agent (or "router", "compaction") or raises."""
+
+ROUTER_SAMPLING = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, stop=("\n",))
+COMPACTION_SAMPLING = SamplingParams(max_tokens=200, temperature=0.0, top_p=1.0)
+CHARS_PER_TOKEN = 3
+"""A low estimate, so that a new message's tokens are rather over- than under-counted."""
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    agent: AgentName
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    error: ChatbotError
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    message: Message
+    error: ChatbotError | None
+
+
+GraphEvent = Admitted | Rejected | Token | Answered
+
+
+class _Node(Protocol):
+    def __call__(
+        self, state: ConversationState, runtime: Runtime[TurnContext]
+    ) -> Awaitable[dict[str, Any]]: ...
+
+
+class TurnControl:
+    """Stops a turn's generation from outside the graph (the stop button, a client gone)."""
+
+    def __init__(self) -> None:
+        self._generation: Generation | None = None
+        self.stopped = False
+
+    def attach(self, generation: Generation) -> None:
+        self._generation = generation
+
+    async def stop(self) -> None:
+        self.stopped = True
+        if self._generation is not None:
+            await self._generation.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a run needs that is not conversation state (never checkpointed)."""
+
+    user_id: str
+    pinned: AgentName | None
+    sampling: SamplingParams
+    admit: Admit
+    control: TurnControl = field(default_factory=TurnControl)
+    answer_id: str = field(default_factory=lambda: new_id("msg"))
+
+
+class Agents:
+    """The compiled graph and what its nodes share: the preamble, the router, the limits."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        documents: tuple[Document, ...],
+        checkpointer: BaseCheckpointSaver[Any],
+        metrics: Metrics,
+        model_name: str,
+    ) -> None:
+        self.documents = documents
+        self.head = layout.preamble(settings.system_prompt, documents)
+        self._rules = RuleRouter(documents)
+        self._router = settings.router
+        self._compact_at = int(settings.compact_at * settings.context_tokens)
+        self._keep = settings.compact_keep_messages
+        self._metrics = metrics
+        self._model_name = model_name
+        self.checkpointer = checkpointer
+        self.graph = self._build()
+
+    def _build(self) -> CompiledStateGraph[Any, Any, Any, Any]:
+        graph = StateGraph(ConversationState, context_schema=TurnContext)
+        graph.add_node("route", self._route)
+        graph.add_node("compact", self._compact)
+        for agent in AgentName:
+            graph.add_node(agent.value, self._answerer(agent))
+        graph.add_edge(START, "route")
+        names = [a.value for a in AgentName]
+        graph.add_conditional_edges("route", self._after_route, ["compact", *names, END])
+        graph.add_conditional_edges("compact", self._after_compact, [*names, END])
+        for name in names:
+            graph.add_edge(name, END)
+        return graph.compile(checkpointer=self.checkpointer, name="turn")
+
+    # --- running a turn
+
+    async def run(
+        self, thread_id: str, question: Message, context: TurnContext, config: RunnableConfig
+    ) -> AsyncIterator[GraphEvent]:
+        config = {**config, "configurable": {"thread_id": thread_id}}
+        async for event in self.graph.astream(
+            {"pending": question}, config, context=context, stream_mode="custom"
+        ):
+            yield cast(GraphEvent, event)
+
+    async def state(self, thread_id: str) -> ConversationState:
+        snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
+        return cast(ConversationState, snapshot.values)
+
+    async def forget(self, thread_id: str) -> None:
+        await self.checkpointer.adelete_thread(thread_id)
+
+    # --- nodes
+
+    async def _route(
+        self, state: ConversationState, runtime: Runtime[TurnContext]
+    ) -> dict[str, Any]:
+        question = _pending(state)
+        context = runtime.context
+        if context.pinned is not None:
+            return {"route": Route(agent=context.pinned, reason="pinned")}
+        previous = state.get("route")
+        rules = self._rules.route(question.content, previous.agent if previous else None)
+        if self._router is RouterKind.RULES:
+            return {"route": rules}
+        prompt, public = routing_prompt(question.content)
+        try:
+            reply = await _complete(
+                context, layout.Prompt(prompt, public), "router", ROUTER_SAMPLING
+            )
+        except ChatbotError as exc:
+            runtime.stream_writer(Rejected(exc))
+            return {"pending": None}
+        agent = parse_route(reply)
+        if agent is None:
+            return {"route": rules.model_copy(update={"reason": f"{rules.reason} (rules)"})}
+        return {"route": Route(agent=agent, reason=f"the model chose {agent.value}")}
+
+    def _after_route(self, state: ConversationState) -> str:
+        if state.get("pending") is None:
+            return END
+        if self._needs_compaction(state):
+            return "compact"
+        return _route_of(state).agent.value
+
+    def _needs_compaction(self, state: ConversationState) -> bool:
+        question = _pending(state)
+        kept = layout.kept_messages(state.get("messages", []))
+        summary = state.get("summary")
+        covered = summary.covers if summary else 0
+        expected = (
+            state.get("context_tokens", 0)
+            + len(question.content) // CHARS_PER_TOKEN
+            + 32  # the instruction line and the turn's markers
+        )
+        return expected > self._compact_at and len(kept) - covered > self._keep
+
+    async def _compact(
+        self, state: ConversationState, runtime: Runtime[TurnContext]
+    ) -> dict[str, Any]:
+        """Summarise every kept message but the last few, once: the prompts that follow
+        start from the summary and extend each other again."""
+        messages = state.get("messages", [])
+        summary = state.get("summary")
+        prompt = layout.compaction_prompt(self.head, messages, summary)
+        try:
+            text = await _complete(runtime.context, prompt, "compaction", COMPACTION_SAMPLING)
+        except ChatbotError as exc:
+            runtime.stream_writer(Rejected(exc))
+            return {"pending": None}
+        kept = layout.kept_messages(messages)
+        covers = max(len(kept) - self._keep, summary.covers if summary else 0)
+        while covers < len(kept) and kept[covers].role != "user":
+            covers += 1  # keep whole exchanges: start the kept part at a question
+        logger.info("compacted a conversation: %d messages summarised", covers)
+        return {"summary": Summary(text=text.strip(), covers=covers), "compacted": True}
+
+    def _after_compact(self, state: ConversationState) -> str:
+        if state.get("pending") is None:
+            return END
+        return _route_of(state).agent.value
+
+    def _answerer(self, agent: AgentName) -> _Node:
+        async def answer(state: ConversationState, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+            return await self._answer(agent, state, get_config(), runtime)
+
+        answer.__name__ = agent.value
+        return answer
+
+    async def _answer(
+        self,
+        agent: AgentName,
+        state: ConversationState,
+        config: RunnableConfig,
+        runtime: Runtime[TurnContext],
+    ) -> dict[str, Any]:
+        question = _pending(state)
+        route = _route_of(state)
+        context, write = runtime.context, runtime.stream_writer
+        prompt = layout.turn_prompt(
+            self.head, state.get("messages", []), state.get("summary"), agent, question.content
+        )
+        self._check_prefix(state, prompt.messages, agent)
+        try:
+            generation = await context.admit(prompt, agent.value, context.sampling)
+        except ChatbotError as exc:
+            write(Rejected(exc))
+            return {"pending": None, "compacted": False}
+        write(Admitted(agent=agent, reason=route.reason))
+        context.control.attach(generation)
+        if context.control.stopped:
+            await generation.aclose()
+        model = AdmittedGeneration(generation=generation, model_name=self._model_name)
+        parts: list[str] = []
+        error: ChatbotError | None = None
+        try:
+            async for chunk in model.astream(
+                langchain_messages(prompt.messages),
+                {**config, "metadata": {**config.get("metadata", {}), "agent": agent.value}},
+            ):
+                if isinstance(chunk.content, str) and chunk.content:
+                    parts.append(chunk.content)
+                    write(Token(chunk.content))
+        except ChatbotError as exc:
+            error = exc
+        except Exception:
+            logger.exception("the %s agent failed", agent.value)
+            error = EngineFailure("the answer failed")
+        finally:
+            await generation.aclose()
+        finished = model.finished
+        status = (
+            MessageStatus.FAILED
+            if error is not None
+            else MessageStatus.COMPLETE
+            if finished is not None
+            else MessageStatus.CANCELLED
+        )
+        answer = Message(
+            id=context.answer_id,
+            conversation_id=question.conversation_id,
+            role="assistant",
+            content="".join(parts),
+            status=status,
+            usage=finished.usage if finished else None,
+            timing=finished.timing if finished else None,
+            agent=agent,
+            route_reason=route.reason,
+        )
+        write(Answered(message=answer, error=error))
+        update: dict[str, Any] = {
+            "messages": [question, answer],
+            "pending": None,
+            "compacted": False,
+        }
+        if layout.kept_messages([question, answer]):
+            # The next turn's prompt must start with this one and its answer.
+            expected = [*prompt.messages, ChatMessage(role="assistant", content=answer.content)]
+            update["prefix_digest"] = layout.digest(expected)
+            update["prefix_length"] = len(expected)
+            if finished is not None:
+                usage = finished.usage
+                update["context_tokens"] = usage.prompt_tokens + usage.completion_tokens
+        return update
+
+    def _check_prefix(
+        self, state: ConversationState, prompt: list[ChatMessage], agent: AgentName
+    ) -> None:
+        reference, length = state.get("prefix_digest"), state.get("prefix_length", 0)
+        if layout.extends(prompt, reference, length):
+            return
+        reason: Literal["compaction", "layout_changed"] = (
+            "compaction" if state.get("compacted") else "layout_changed"
+        )
+        self._metrics.prefix_breaks.labels(reason).inc()
+        logger.info("prefix break (%s) before a %s turn", reason, agent.value)
+
+
+async def _complete(
+    context: TurnContext, prompt: layout.Prompt, purpose: str, sampling: SamplingParams
+) -> str:
+    """Generate a short internal answer (a route, a summary) and return its text."""
+    generation = await context.admit(prompt, purpose, sampling)
+    parts: list[str] = []
+    async with generation:
+        async for event in generation:
+            if isinstance(event, TokenDelta):
+                parts.append(event.text)
+    return "".join(parts)
+
+
+def _pending(state: ConversationState) -> Message:
+    question = state.get("pending")
+    if question is None:
+        raise RuntimeError("a turn runs only with a pending question")
+    return question
+
+
+def _route_of(state: ConversationState) -> Route:
+    route = state.get("route")
+    if route is None:
+        raise RuntimeError("the route node runs first")
+    return route
