@@ -25,7 +25,7 @@ from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
 
 from chatbot.agents import layout
-from chatbot.agents.documents import Document
+from chatbot.agents.documents import Document, DocumentIndex
 from chatbot.agents.llm import AdmittedGeneration, langchain_messages
 from chatbot.agents.router import RuleRouter, parse_route, routing_prompt
 from chatbot.agents.state import ConversationState, Route, Summary
@@ -118,7 +118,8 @@ class Agents:
     ) -> None:
         self.documents = documents
         self.head = layout.preamble(settings.system_prompt, documents)
-        self._rules = RuleRouter(documents)
+        self._index = DocumentIndex(documents)
+        self._rules = RuleRouter(self._index)
         self._router = settings.router
         self._compact_at = int(settings.compact_at * settings.context_tokens)
         self._keep = settings.compact_keep_messages
@@ -278,6 +279,11 @@ class Agents:
         finally:
             await generation.aclose()
         finished = model.finished
+        if agent is AgentName.KNOWLEDGE and finished is not None:
+            source = self._source_line(question.content, "".join(parts))
+            if source:
+                parts.append(source)
+                write(Token(source))
         status = (
             MessageStatus.FAILED
             if error is not None
@@ -311,6 +317,14 @@ class Agents:
                 usage = finished.usage
                 update["context_tokens"] = usage.prompt_tokens + usage.completion_tokens
         return update
+
+    def _source_line(self, question: str, answer: str) -> str | None:
+        """Names the document the answer drew on when the model did not: a small model
+        often forgets, and an answer from documents must say which one."""
+        if any(d.name in answer for d in self.documents):
+            return None
+        document = self._index.about(question) or self._index.about(answer)
+        return f"\n\nSource: {document.name}" if document else None
 
     def _check_prefix(
         self, state: ConversationState, prompt: list[ChatMessage], agent: AgentName

@@ -61,6 +61,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                     tracer,
                     settings,
                 ),
+                tracer=tracer,
             )
             yield
         finally:

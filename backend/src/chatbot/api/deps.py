@@ -13,6 +13,7 @@ from chatbot.config import LOCAL_USER, Settings
 from chatbot.engines.base import Engine
 from chatbot.models.errors import AuthenticationFailed
 from chatbot.observability.metrics import Metrics
+from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
 
@@ -26,6 +27,7 @@ class Services:
     engine: Engine
     generations: GenerationService
     conversations: ConversationService
+    tracer: Tracer
 
 
 def get_services(request: Request) -> Services:
