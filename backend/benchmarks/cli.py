@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -55,14 +56,23 @@ def _model_path() -> Path:
     return resolve_model_path(settings.model_path, settings.cache_dir)
 
 
-def _ours(name: str, cache: str, users: int, answer_tokens: int, **budgets: int) -> Factory:
+def _ours(
+    name: str,
+    cache: str,
+    users: int,
+    answer_tokens: int,
+    *,
+    ram_bytes: int = 2 * 1024**3,
+    disk_bytes: int = 8 * 1024**3,
+) -> Factory:
     return lambda: chatbot(
         name,
         users=users,
         system_prompt=SYSTEM_PROMPT,
         max_tokens=answer_tokens,
         cache=cache,
-        **budgets,
+        ram_bytes=ram_bytes,
+        disk_bytes=disk_bytes,
     )
 
 
@@ -412,6 +422,120 @@ def state_io_bench(
     return result
 
 
+@app.command("agents")
+def agents_bench(
+    users: Annotated[int, typer.Option(help="Simulated users, one conversation each.")] = 4,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 24,
+) -> dict[str, Any]:
+    """The router's added TTFT, and the cache across agent switches."""
+    from benchmarks.agents import PLACES, TURNS, agent_switches, prefix_breaks
+    from chatbot.agents.documents import DocumentIndex, load_documents
+    from chatbot.agents.router import RuleRouter
+    from chatbot.config import Settings
+
+    settings = {"users": users, "turns": len(TURNS), "answer_tokens": answer_tokens}
+    result, lines = _header(
+        "Agents: the router's cost and the cache across agent switches", settings
+    )
+    typer.echo("agents", err=True)
+    configs: dict[str, tuple[str, dict[str, str], str | None]] = {
+        "pinned to assistant (no routing)": ("tiered", {}, "assistant"),
+        "rule router": ("tiered", {"CHATBOT_ROUTER": "rules"}, None),
+        "LLM router": ("tiered", {"CHATBOT_ROUTER": "llm"}, None),
+        "rule router, cache off": ("off", {"CHATBOT_ROUTER": "rules"}, None),
+    }
+    system_prompt = str(Settings.model_fields["system_prompt"].default)
+    runs: list[report.Run] = []
+    for name, (cache, env, pinned) in configs.items():
+        with chatbot(
+            name,
+            users=users,
+            system_prompt=system_prompt,
+            max_tokens=answer_tokens,
+            cache=cache,
+            env=env,
+        ) as target:
+            typer.echo(f"  {name} ...", err=True)
+            rows = agent_switches(target, users=users, answer_tokens=answer_tokens, pinned=pinned)
+            runs.append(
+                {
+                    "target": name,
+                    "notes": target.notes,
+                    "rows": rows,
+                    "prefix_breaks": prefix_breaks(target),
+                    "peak_rss_mib": target.peak_rss_mib(),
+                }
+            )
+
+    # The rule router's own decision time, in process: it makes no model call.
+    router = RuleRouter(DocumentIndex(load_documents(None, max_chars=16_000)))
+    questions = [t.format(place=p) for t in TURNS for p in PLACES]
+    started = time.perf_counter()
+    for _ in range(200):
+        for q in questions:
+            router.route(q, None)
+    rules_us = (time.perf_counter() - started) / (200 * len(questions)) * 1e6
+
+    pinned_p50 = report.ttft_summary(r for r in runs[0]["rows"] if _follow_ups(r))["p50_ms"]
+    body = []
+    for run in runs:
+        follow = [r for r in run["rows"] if _follow_ups(r)]
+        switches = [r for r in follow if r["switched"]]
+        ttft = report.ttft_summary(follow)
+        covered = sum(r["cached_tokens"] >= r["previous_prompt_tokens"] for r in switches)
+        run["summary"] = {
+            "ttft_follow_ups": ttft,
+            "added_ttft_p50_ms": round(ttft["p50_ms"] - pinned_p50, 1),
+            "hit_rate_follow_ups": report.cached_share(follow),
+            "switch_turns": len(switches),
+            "hit_rate_switch_turns": report.cached_share(switches),
+            "switch_turns_with_history_cached": covered,
+        }
+        body.append(
+            [
+                run["target"],
+                f"{ttft['p50_ms']:.0f} / {ttft['p95_ms']:.0f}",
+                f"{run['summary']['added_ttft_p50_ms']:+.0f}",
+                report.pct(run["summary"]["hit_rate_follow_ups"]),
+                f"{len(switches)}",
+                report.pct(run["summary"]["hit_rate_switch_turns"]),
+                f"{covered}/{len(switches)}",
+                f"{run['prefix_breaks']:.0f}",
+            ]
+        )
+    lines += report.table(
+        [
+            "chatbot",
+            "TTFT p50 / p95, turns ≥ 2 (ms)",
+            "added p50 vs pinned (ms)",
+            "cached share, turns ≥ 2",
+            "agent switches",
+            "cached share at switches",
+            "switches with whole history cached",
+            "prefix breaks",
+        ],
+        body,
+    )
+    rules, llm = runs[1]["rows"], runs[2]["rows"]
+    agree = sum(a["agent"] == b["agent"] for a, b in zip(rules, llm, strict=True))
+    result["rule_router_decision_us"] = round(rules_us, 1)
+    result["llm_rules_agreement"] = f"{agree}/{len(rules)}"
+    lines += [
+        "",
+        f"The rule router decides in {rules_us:.0f} µs (in process, over the workload's "
+        f"questions). The LLM router chose the same agent as the rules on {agree} of "
+        f"{len(rules)} turns. Agents chosen by the rule router per turn: "
+        + ", ".join(r["agent"] for r in rules if r["user"] == 0)
+        + ".",
+    ]
+    result["runs"] = runs
+    report.plot_ttft_by_round(
+        runs, RESULTS / "agents_ttft.png", "TTFT by turn, agents switching", "turn"
+    )
+    _write("agents", result, lines)
+    return result
+
+
 @app.command("all")
 def all_benchmarks(
     peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
@@ -421,6 +545,7 @@ def all_benchmarks(
     multi_round_bench(peers=peers)
     repeated_bench(peers=peers)
     long_bench(peers=peers)
+    agents_bench()
 
 
 def main() -> None:

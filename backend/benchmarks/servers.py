@@ -98,13 +98,15 @@ def chatbot(
     ram_bytes: int = 2 * 1024**3,
     disk_bytes: int = 8 * 1024**3,
     context_tokens: int = 8192,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Target]:
     """``cache``: "off" (every prompt recomputed), "live" (the live context only, as before
-    the KV store existed) or "tiered" (live, RAM, disk)."""
+    the KV store existed) or "tiered" (live, RAM, disk). ``env``: more ``CHATBOT_*``
+    settings."""
     port = _free_port()
     keys = [f"bench-user-{u:04d}-key-0123456789" for u in range(users)]
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as kv_dir:
-        env = {
+        settings = {
             **os.environ,
             "CHATBOT_HOST": "127.0.0.1",
             "CHATBOT_PORT": str(port),
@@ -120,10 +122,11 @@ def chatbot(
             "CHATBOT_KV_RAM_BYTES": str(ram_bytes if cache == "tiered" else 0),
             "CHATBOT_KV_DISK_BYTES": str(disk_bytes if cache == "tiered" else 0),
             "CHATBOT_KV_DIR": kv_dir,
+            **(env or {}),
         }
         command = [sys.executable, "-m", "chatbot", "serve"]
         url = f"http://127.0.0.1:{port}"
-        with _running(command, env, f"{url}/readyz") as process:
+        with _running(command, settings, f"{url}/readyz") as process:
             yield Target(
                 name=name,
                 url=f"{url}/v1",
@@ -131,7 +134,12 @@ def chatbot(
                 sends_system_prompt=False,
                 process=process,
                 is_chatbot=True,
-                notes={"cache": cache, "ram_bytes": ram_bytes, "disk_bytes": disk_bytes},
+                notes={
+                    "cache": cache,
+                    "ram_bytes": ram_bytes,
+                    "disk_bytes": disk_bytes,
+                    **(env or {}),
+                },
             )
 
 
