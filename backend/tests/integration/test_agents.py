@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from chatbot.agents.documents import load_documents
 from chatbot.agents.layout import preamble
+from chatbot.agents.router import routing_prompt
 from chatbot.api.app import create_app
 from chatbot.engines.base import GenerationRequest, SamplingParams
 from chatbot.engines.embedded import EmbeddedEngine
@@ -164,3 +165,33 @@ def test_a_full_window_is_compacted_once_at_a_stable_boundary(small_window: str)
     assert all(u["prompt_tokens"] < 1024 for u in usages)
     # Compaction changes what the model reads, never what the user sees.
     assert len(stored) == 18
+
+
+def test_the_llm_router_routes_behind_a_cached_shared_prompt(
+    model_path: Path, tmp_path: Path
+) -> None:
+    app = create_app(make_settings(model_path, tmp_path, router="llm"))
+    for url in serve_in_thread(app):
+        server = LiveServer(url=url, app=app)
+        with server.client() as alice, server.client(BOB_KEY) as bob:
+            start, _ = ends(stream_turn(alice, new_conversation(alice), KV_QUESTION))
+            # Another user's first turn: the routing prompt is public, only the question is new.
+            ends(stream_turn(bob, new_conversation(bob), "Write one sentence about the sea."))
+        cached = metric(server, "chatbot_cached_tokens_total", agent="router")
+        routings = metric(server, "chatbot_ttft_seconds_count", agent="router")
+        engine = server.services.engine
+        assert isinstance(engine, EmbeddedEngine)
+        messages, public = routing_prompt("any question")
+        shared = engine.prompt_key(
+            GenerationRequest(
+                messages=tuple(messages),
+                sampling=SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0),
+                cache_salt="anyone",
+                public_messages=public,
+            )
+        ).public_tokens
+    assert start["agent"] in {"assistant", "knowledge", "summarizer"}
+    assert start["route_reason"].startswith(("the model chose", "about", "general"))
+    assert routings == 2
+    # The first routing call found nothing cached; the second, everything but its question.
+    assert cached == shared
