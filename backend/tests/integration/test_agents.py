@@ -12,14 +12,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatbot.agents.documents import load_documents
-from chatbot.agents.layout import preamble
 from chatbot.agents.router import routing_prompt
 from chatbot.api.app import create_app
-from chatbot.engines.base import GenerationRequest, SamplingParams
-from chatbot.engines.embedded import EmbeddedEngine
 from tests.conftest import BOB_KEY, CAROL_KEY, LiveServer, make_settings, serve_in_thread
 from tests.integration.test_conversation_api import new_conversation, stream_turn
+from tests.prompts import public_tokens
 
 KV_QUESTION = "How does the KV cache keep saved states in RAM and on disk?"
 
@@ -29,21 +26,6 @@ def ends(events: list[tuple[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]
     named = dict(events)
     assert {"message.start", "message.end"} <= named.keys(), events
     return named["message.start"], named["message.end"]
-
-
-def shared_prefix_tokens(server: LiveServer) -> int:
-    """Tokens of the prefix every conversation shares: system prompt, documents, examples."""
-    engine = server.services.engine
-    assert isinstance(engine, EmbeddedEngine)
-    settings = server.services.settings
-    documents = load_documents(settings.docs_dir, max_chars=settings.docs_max_chars)
-    request = GenerationRequest(
-        messages=(preamble(settings.system_prompt, documents),),
-        sampling=SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0),
-        cache_salt="anyone",
-        public_messages=1,
-    )
-    return engine.prompt_key(request).public_tokens
 
 
 def metric(server: LiveServer, name: str, **labels: str) -> float:
@@ -114,7 +96,7 @@ def test_the_knowledge_agent_names_its_document_and_shares_it_with_every_user(
         _, carols = ends(stream_turn(carol, new_conversation(carol), question))
     assert carols["agent"] == "knowledge"
     assert "conversation-api.md" in carols["content"]
-    assert carols["usage"]["cached_tokens"] >= shared_prefix_tokens(live_server)
+    assert carols["usage"]["cached_tokens"] >= public_tokens(live_server)
 
 
 @pytest.fixture(scope="module")
@@ -179,17 +161,7 @@ def test_the_llm_router_routes_behind_a_cached_shared_prompt(
             ends(stream_turn(bob, new_conversation(bob), "Write one sentence about the sea."))
         cached = metric(server, "chatbot_cached_tokens_total", agent="router")
         routings = metric(server, "chatbot_ttft_seconds_count", agent="router")
-        engine = server.services.engine
-        assert isinstance(engine, EmbeddedEngine)
-        messages, public = routing_prompt("any question")
-        shared = engine.prompt_key(
-            GenerationRequest(
-                messages=tuple(messages),
-                sampling=SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0),
-                cache_salt="anyone",
-                public_messages=public,
-            )
-        ).public_tokens
+        shared = public_tokens(server, *routing_prompt("any question"))
     assert start["agent"] in {"assistant", "knowledge", "summarizer"}
     assert start["route_reason"].startswith(("the model chose", "about", "general"))
     assert routings == 2

@@ -10,16 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatbot.agents.documents import load_documents
-from chatbot.agents.layout import preamble
 from chatbot.engines import chat_format
-from chatbot.engines.base import GenerationRequest, SamplingParams
-from chatbot.engines.embedded import EmbeddedEngine, LlamaRunner, state_namespace
+from chatbot.engines.base import SamplingParams
+from chatbot.engines.embedded import LlamaRunner, state_namespace
 from chatbot.kvcache import KVCache, PromptKey, owner_digest
 from chatbot.models.cache import CacheTier
 from chatbot.models.domain import ChatMessage, Usage
 from tests.conftest import BOB_KEY, CAROL_KEY, DAVE_KEY, LiveServer
 from tests.integration.test_conversation_api import new_conversation, stream_turn
+from tests.prompts import public_tokens
 
 GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0)
 SYSTEM = ChatMessage(role="system", content="You are a helpful assistant.")
@@ -107,20 +106,6 @@ def test_a_state_from_ram_or_disk_continues_like_a_cold_prefill(
     ids, text, usage = generate(restarted, key(restarted, turn2, "alice"))
     assert usage.cache_tier is CacheTier.DISK
     assert (ids, text) == (expected_ids, expected_text)
-
-
-def public_tokens(server: LiveServer) -> int:
-    engine = server.services.engine
-    assert isinstance(engine, EmbeddedEngine)
-    settings = server.services.settings
-    documents = load_documents(settings.docs_dir, max_chars=settings.docs_max_chars)
-    request = GenerationRequest(
-        messages=(preamble(settings.system_prompt, documents),),
-        sampling=GREEDY_16,
-        cache_salt="anyone",
-        public_messages=1,
-    )
-    return engine.prompt_key(request).public_tokens
 
 
 def test_each_answer_names_the_tier_that_served_it(live_server: LiveServer) -> None:

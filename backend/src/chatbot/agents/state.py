@@ -6,6 +6,7 @@ is kept by the services' store.
 
 from __future__ import annotations
 
+import operator
 from typing import Annotated, TypedDict
 
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
@@ -28,12 +29,8 @@ class Summary(BaseModel):
     """How many leading messages it replaces in prompts."""
 
 
-def append_messages(existing: list[Message], new: list[Message]) -> list[Message]:
-    return [*existing, *new]
-
-
 class ConversationState(TypedDict, total=False):
-    messages: Annotated[list[Message], append_messages]
+    messages: Annotated[list[Message], operator.add]
     pending: Message | None
     """The question of the turn in progress; once answered it moves into ``messages`` with
     its answer, in one checkpoint. A checkpoint that still holds one after its run ended
