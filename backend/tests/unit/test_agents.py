@@ -84,6 +84,17 @@ def test_a_failed_turn_is_left_out_so_the_next_extends_the_one_before() -> None:
     assert "q2" not in [m.content for m in after]
 
 
+def test_the_agents_source_line_is_shown_but_not_read_back_by_the_model() -> None:
+    cited = f"Tea is steamed.{layout.source_line('tea.md')}"
+    history = exchange("how is tea made?", cited, AgentName.KNOWLEDGE, source="tea.md")
+    prompt = layout.turn_prompt(HEAD, history, None, AgentName.ASSISTANT, "thanks").messages
+    assert ChatMessage(role="assistant", content="Tea is steamed.") in prompt
+    assert not any("Source:" in m.content for m in prompt)
+    said = exchange("and coffee?", "See tea.md for tea.", AgentName.KNOWLEDGE)
+    prompt = layout.history(HEAD, said, None)
+    assert prompt[-1].content == "See tea.md for tea."  # what the model wrote stays
+
+
 def test_a_summary_replaces_the_turns_it_covers() -> None:
     history = [
         *exchange("q1", "a1", AgentName.ASSISTANT),

@@ -279,11 +279,12 @@ class Agents:
         finally:
             await generation.aclose()
         finished = model.finished
+        cited: str | None = None
         if agent is AgentName.KNOWLEDGE and finished is not None:
-            source = self._source_line(question.content, "".join(parts))
-            if source:
-                parts.append(source)
-                write(Token(source))
+            cited = self._uncited_source(question.content, "".join(parts))
+            if cited is not None:
+                parts.append(layout.source_line(cited))
+                write(Token(layout.source_line(cited)))
         status = (
             MessageStatus.FAILED
             if error is not None
@@ -301,6 +302,7 @@ class Agents:
             timing=finished.timing if finished else None,
             agent=agent,
             route_reason=route.reason,
+            source=cited,
         )
         write(Answered(message=answer, error=error))
         update: dict[str, Any] = {
@@ -310,7 +312,7 @@ class Agents:
         }
         if layout.kept_messages([question, answer]):
             # The next turn's prompt must start with this one and its answer.
-            expected = [*prompt.messages, ChatMessage(role="assistant", content=answer.content)]
+            expected = [*prompt.messages, layout.spoken(answer)]
             update["prefix_digest"] = layout.digest(expected)
             update["prefix_length"] = len(expected)
             if finished is not None:
@@ -318,13 +320,13 @@ class Agents:
                 update["context_tokens"] = usage.prompt_tokens + usage.completion_tokens
         return update
 
-    def _source_line(self, question: str, answer: str) -> str | None:
-        """Names the document the answer drew on when the model did not: a small model
+    def _uncited_source(self, question: str, answer: str) -> str | None:
+        """The document the answer drew on, if the model did not name it: a small model
         often forgets, and an answer from documents must say which one."""
         if any(d.name in answer for d in self.documents):
             return None
         document = self._index.about(question) or self._index.about(answer)
-        return f"\n\nSource: {document.name}" if document else None
+        return document.name if document else None
 
     def _check_prefix(
         self, state: ConversationState, prompt: list[ChatMessage], agent: AgentName

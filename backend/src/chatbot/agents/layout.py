@@ -61,6 +61,20 @@ def kept_messages(messages: Sequence[Message]) -> list[Message]:
     return kept
 
 
+def source_line(document: str) -> str:
+    return f"\n\nSource: {document}"
+
+
+def spoken(message: Message) -> ChatMessage:
+    """A stored message as the model reads it again: without the source line the agent
+    added below an answer, which the model did not write (and, shown it, would copy into
+    every later answer)."""
+    content = message.content
+    if message.source is not None:
+        content = content.removesuffix(source_line(message.source))
+    return ChatMessage(role=message.role, content=content)
+
+
 def instruction(agent: AgentName) -> ChatMessage:
     return ChatMessage(role="system", content=AGENTS[agent].instruction)
 
@@ -79,7 +93,7 @@ def history(
             answer = kept[i + 1] if i + 1 < len(kept) else None
             agent = answer.agent if answer is not None and answer.agent else AgentName.ASSISTANT
             prompt.append(instruction(agent))
-        prompt.append(ChatMessage(role=message.role, content=message.content))
+        prompt.append(spoken(message))
     return prompt
 
 

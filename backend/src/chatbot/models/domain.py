@@ -89,3 +89,5 @@ class Message(BaseModel):
     """The agent that answered (assistant messages)."""
     route_reason: str | None = None
     """Why the router chose that agent."""
+    source: str | None = None
+    """The document the knowledge agent named in a line below the answer."""

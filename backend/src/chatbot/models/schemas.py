@@ -81,6 +81,11 @@ class MessageOut(BaseModel):
     timing: Timing | None = None
     agent: AgentName | None = Field(default=None, description="The agent that answered.")
     route_reason: str | None = Field(default=None, description="Why the router chose that agent.")
+    source: str | None = Field(
+        default=None,
+        description="The document named in the `Source:` line the knowledge agent added "
+        "below the answer (null when the model named it itself, or for other agents).",
+    )
 
 
 class MessageList(BaseModel):

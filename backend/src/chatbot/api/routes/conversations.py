@@ -38,7 +38,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _STREAM_DOC = """With `"stream": true` (the default) the answer streams as Server-Sent Events:
 `message.start` `{conversation_id, message_id, agent, route_reason}`, `token` `{delta}`
 (many), then either `message.end` `{message_id, status, content, usage, timing, agent,
-route_reason}` or `error` `{error: {type, message, code}}`.
+route_reason, source}` or `error` `{error: {type, message, code}}`.
 With `"stream": false` the answer comes back as one JSON message."""
 
 
@@ -169,6 +169,7 @@ async def _sse_events(turn: Turn) -> AsyncIterator[str]:
                         "timing": message.timing.model_dump() if message.timing else None,
                         "agent": message.agent.value if message.agent else None,
                         "route_reason": message.route_reason,
+                        "source": message.source,
                     },
                 )
             case TurnFailed(error=error):
