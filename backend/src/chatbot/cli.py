@@ -12,7 +12,7 @@ import typer
 import uvicorn
 import yaml
 
-from chatbot.config import Settings
+from chatbot.config import EngineKind, Settings
 
 app = typer.Typer(
     help="lmcache-chatbot: a chatbot backend that reuses the KV cache of what it has read.",
@@ -26,12 +26,26 @@ logger = logging.getLogger("chatbot")
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (CHATBOT_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (CHATBOT_PORT).")] = None,
+    engine: Annotated[
+        EngineKind | None,
+        typer.Option(
+            help="embedded: llama.cpp on this machine's CPU; openai: an OpenAI-compatible "
+            "server such as vLLM with LMCache (CHATBOT_ENGINE)."
+        ),
+    ] = None,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The openai engine's server, e.g. http://vllm:8000/v1 (CHATBOT_OPENAI_BASE_URL)."
+        ),
+    ] = None,
 ) -> None:
     """Start the API server on the configured engine (default: embedded llama.cpp)."""
     from chatbot.api.app import create_app
     from chatbot.observability.logging import configure_logging
 
-    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    options = {"host": host, "port": port, "engine": engine, "openai_base_url": base_url}
+    overrides = {k: v for k, v in options.items() if v is not None}
     settings = Settings(**overrides)  # type: ignore[arg-type]
     configure_logging(settings.log_level)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host

@@ -28,7 +28,8 @@ class RouterKind(StrEnum):
 class EngineKind(StrEnum):
     """The engines a server can run; the values are the CLI and ``CHATBOT_ENGINE`` choices."""
 
-    EMBEDDED = "embedded"
+    EMBEDDED = "embedded"  # llama.cpp in this process, on the CPU
+    OPENAI = "openai"  # any OpenAI-compatible server: vLLM with LMCache in production
 
 
 def _default_cache_dir() -> Path:
@@ -83,6 +84,40 @@ class Settings(BaseSettings):
     few_shot: bool = Field(
         default=True,
         description="Prefix prompts with a few-shot chat preamble (needed by base models).",
+    )
+
+    # --- the openai engine: an OpenAI-compatible model server
+    openai_base_url: str | None = Field(
+        default=None,
+        description="The server's OpenAI API, e.g. 'http://vllm:8000/v1'; required by "
+        "CHATBOT_ENGINE=openai.",
+    )
+    openai_api_key: str | None = Field(default=None, repr=False)
+    openai_model: str = Field(
+        default="", description="The model the server serves; empty: the first it lists."
+    )
+    openai_affinity_header: str = Field(
+        default="x-session-id",
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="Header carrying a stable per-conversation key, for a router with "
+        "session affinity (vLLM production-stack: routingLogic 'session', the same "
+        "sessionKey).",
+    )
+    openai_max_connections: int = Field(
+        default=512, ge=1, description="Connections to the server: streams in flight."
+    )
+    openai_connect_timeout: float = Field(default=3.0, gt=0)
+    openai_read_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="Longest wait for the server's next chunk, the first token included.",
+    )
+    openai_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Retries of a request the server did not take (unreachable, 502-504), "
+        "never of one whose answer has started.",
     )
 
     # --- the embedded engine's KV-state cache (used when prefix_cache is on)
@@ -190,6 +225,10 @@ class Settings(BaseSettings):
             raise ValueError(f"CHATBOT_DOCS_DIR {self.docs_dir} is not a folder")
         if bool(self.langfuse_public_key) != bool(self.langfuse_secret_key):
             raise ValueError("set both LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY, or neither")
+        if self.engine is EngineKind.OPENAI and not self.openai_base_url:
+            raise ValueError("CHATBOT_ENGINE=openai needs CHATBOT_OPENAI_BASE_URL")
+        if self.openai_base_url and not self.openai_base_url.startswith(("http://", "https://")):
+            raise ValueError("CHATBOT_OPENAI_BASE_URL must start with http:// or https://")
         if self.model_path is not None and not self.model_path.is_file():
             raise ValueError(f"CHATBOT_MODEL_PATH {self.model_path} is not a file")
         return self

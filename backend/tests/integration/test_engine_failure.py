@@ -54,6 +54,10 @@ class SwitchableFailingEngine(Engine):
     def ready(self) -> bool:
         return self._inner.ready
 
+    @property
+    def context_tokens(self) -> int:
+        return self._inner.context_tokens
+
     async def submit(self, request: GenerationRequest) -> Generation:
         return FailingGeneration(await self._inner.submit(request), self.fail_after)
 

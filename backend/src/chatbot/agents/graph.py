@@ -30,7 +30,7 @@ from chatbot.agents.llm import AdmittedGeneration, langchain_messages
 from chatbot.agents.router import RuleRouter, parse_route, routing_prompt
 from chatbot.agents.state import ConversationState, Route, Summary
 from chatbot.config import RouterKind, Settings
-from chatbot.engines.base import Generation, SamplingParams, TokenDelta
+from chatbot.engines.base import Engine, Generation, SamplingParams, TokenDelta
 from chatbot.models.domain import AgentName, ChatMessage, Message, MessageStatus, new_id
 from chatbot.models.errors import ChatbotError, EngineFailure
 from chatbot.observability.metrics import Metrics
@@ -114,17 +114,19 @@ class Agents:
         documents: tuple[Document, ...],
         checkpointer: BaseCheckpointSaver[Any],
         metrics: Metrics,
-        model_name: str,
+        engine: Engine,
     ) -> None:
+        """``engine``: read for its model's name and window, which a remote engine may
+        learn only after start-up; generation goes through the turn's ``admit``."""
         self.documents = documents
         self.head = layout.preamble(settings.system_prompt, documents)
         self._index = DocumentIndex(documents)
         self._rules = RuleRouter(self._index)
         self._router = settings.router
-        self._compact_at = int(settings.compact_at * settings.context_tokens)
+        self._compact_share = settings.compact_at
         self._keep = settings.compact_keep_messages
         self._metrics = metrics
-        self._model_name = model_name
+        self._engine = engine
         self.checkpointer = checkpointer
         self.graph = self._build()
 
@@ -203,7 +205,8 @@ class Agents:
             + len(question.content) // CHARS_PER_TOKEN
             + 32  # the instruction line and the turn's markers
         )
-        return expected > self._compact_at and len(kept) - covered > self._keep
+        compact_at = int(self._compact_share * self._engine.context_tokens)
+        return expected > compact_at and len(kept) - covered > self._keep
 
     async def _compact(
         self, state: ConversationState, runtime: Runtime[TurnContext]
@@ -260,7 +263,7 @@ class Agents:
         context.control.attach(generation)
         if context.control.stopped:
             await generation.aclose()
-        model = AdmittedGeneration(generation=generation, model_name=self._model_name)
+        model = AdmittedGeneration(generation=generation, model_name=self._engine.model_id)
         parts: list[str] = []
         error: ChatbotError | None = None
         try:
@@ -315,9 +318,14 @@ class Agents:
             expected = [*prompt.messages, layout.spoken(answer)]
             update["prefix_digest"] = layout.digest(expected)
             update["prefix_length"] = len(expected)
-            if finished is not None:
+            if finished is not None and finished.usage is not None:
                 usage = finished.usage
                 update["context_tokens"] = usage.prompt_tokens + usage.completion_tokens
+            elif finished is not None:
+                # A server that reports no usage: estimated, for the compaction threshold
+                # alone, so that the conversation is compacted before it overflows.
+                text = sum(len(m.content) for m in expected)
+                update["context_tokens"] = text // CHARS_PER_TOKEN + 8 * len(expected)
         return update
 
     def _uncited_source(self, question: str, answer: str) -> str | None:

@@ -71,7 +71,9 @@ class AdmittedGeneration(BaseChatModel):
                 yield ChatGenerationChunk(
                     message=AIMessageChunk(
                         content="",
-                        usage_metadata={
+                        usage_metadata=None
+                        if usage is None
+                        else {
                             "input_tokens": usage.prompt_tokens,
                             "output_tokens": usage.completion_tokens,
                             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
@@ -80,7 +82,9 @@ class AdmittedGeneration(BaseChatModel):
                         response_metadata={
                             "finish_reason": event.finish_reason,
                             "model_name": self.model_name,
-                            "cache_tier": usage.cache_tier.value if usage.cache_tier else None,
+                            "cache_tier": usage.cache_tier.value
+                            if usage and usage.cache_tier
+                            else None,
                             "ttft_ms": event.timing.ttft_ms,
                         },
                     )

@@ -56,7 +56,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                         documents,
                         InMemorySaver(serde=checkpoint_serializer()),
                         metrics,
-                        model_name=running.model_id,
+                        running,
                     ),
                     tracer,
                     settings,

@@ -41,6 +41,9 @@ class GenerationRequest:
     public_messages: int = 0
     """Leading messages that are public material (the server's system prompt, agent
     instructions, shared documents), whose cache every user may share."""
+    session: str = ""
+    """A stable key of the conversation the request continues: engines that spread
+    requests over replicas keep a conversation on the one that holds its KV cache."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +53,9 @@ class TokenDelta:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    usage: Usage
+    usage: Usage | None
+    """None: the engine's server did not report usage (llama-cpp-python's server streams
+    none); nothing is made up in its place."""
     timing: Timing
     finish_reason: FinishReason
 
@@ -94,6 +99,11 @@ class Engine(ABC):
     @property
     @abstractmethod
     def ready(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def context_tokens(self) -> int:
+        """The model's context window: prompt and answer together."""
 
     @property
     def queue_depth(self) -> int:

@@ -369,6 +369,10 @@ class EmbeddedEngine(EngineBase):
         return self._runner is not None
 
     @property
+    def context_tokens(self) -> int:
+        return self._context_tokens
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending)
 

@@ -9,6 +9,7 @@ from chatbot.config import EngineKind, Settings
 from chatbot.engines.base import Engine
 from chatbot.engines.embedded import EmbeddedEngine, state_namespace
 from chatbot.engines.model_files import resolve_model_path
+from chatbot.engines.openai import OpenAIEngine
 from chatbot.kvcache import KVCache
 
 
@@ -25,6 +26,20 @@ def create_engine(settings: Settings) -> Engine:
                 queue_size=settings.queue_size,
                 few_shot=settings.few_shot,
                 kv_cache=_kv_cache(settings, path) if settings.prefix_cache else None,
+            )
+        case EngineKind.OPENAI:
+            assert settings.openai_base_url is not None  # Settings refuse it otherwise
+            return OpenAIEngine(
+                settings.openai_base_url,
+                api_key=settings.openai_api_key,
+                model=settings.openai_model,
+                model_id=settings.model_id,
+                context_tokens=settings.context_tokens,
+                affinity_header=settings.openai_affinity_header,
+                max_connections=settings.openai_max_connections,
+                connect_timeout=settings.openai_connect_timeout,
+                read_timeout=settings.openai_read_timeout,
+                retries=settings.openai_retries,
             )
     # Settings refuse an unknown engine name, listing the valid ones (EngineKind).
     assert_never(settings.engine)

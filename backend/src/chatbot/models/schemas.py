@@ -161,7 +161,9 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     choices: list[Choice]
-    usage: CompletionUsage
+    usage: CompletionUsage | None = Field(
+        default=None, description="Null when the engine's model server reported none."
+    )
 
 
 class Delta(BaseModel):

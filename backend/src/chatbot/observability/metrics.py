@@ -71,11 +71,16 @@ class Metrics:
             "chatbot_engine_queue_depth", "Requests waiting for the engine.", registry=r
         )
 
-    def observe_generation(self, engine: str, agent: str, usage: Usage, timing: Timing) -> None:
+    def observe_generation(
+        self, engine: str, agent: str, usage: Usage | None, timing: Timing
+    ) -> None:
         """``agent``: the agent answering, "router" or "compaction" for the graph's own calls,
-        "none" for the OpenAI-compatible API."""
+        "none" for the OpenAI-compatible API. ``usage``: None when the engine's server did
+        not report it; its tokens are then left uncounted rather than counted as zero."""
         self.ttft.labels(engine, agent).observe(timing.ttft_ms / 1000)
         self.prefill.labels(engine, agent).observe(timing.prefill_ms / 1000)
+        if usage is None:
+            return
         self.prompt_tokens.labels(engine, agent).inc(usage.prompt_tokens)
         self.cached_tokens.labels(engine, agent).inc(usage.cached_tokens)
         self.completion_tokens.labels(engine, agent).inc(usage.completion_tokens)

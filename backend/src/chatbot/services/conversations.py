@@ -231,7 +231,7 @@ class ConversationService:
             user_id=user_id,
             pinned=None if conversation.agent == AUTO else AgentName(conversation.agent),
             sampling=sampling,
-            admit=self._admitter(user_id),
+            admit=self._admitter(user_id, conversation.id),
         )
         self._running.add(conversation.id)
         turn = Turn(
@@ -247,7 +247,7 @@ class ConversationService:
         await self._store.touch(user_id, conversation.id, question.created_at)
         return turn
 
-    def _admitter(self, user_id: str) -> Admit:
+    def _admitter(self, user_id: str, conversation_id: str) -> Admit:
         async def admit(prompt: layout.Prompt, agent: str, sampling: SamplingParams) -> Generation:
             return await self._generations.start(
                 user_id,
@@ -255,6 +255,7 @@ class ConversationService:
                 sampling,
                 public_messages=prompt.public_messages,
                 agent=agent,
+                session=conversation_id,
             )
 
         return admit

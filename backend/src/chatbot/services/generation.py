@@ -120,12 +120,14 @@ class GenerationService:
         *,
         public_messages: int = 0,
         agent: str = "none",
+        session: str = "",
     ) -> MeteredGeneration:
         """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long).
 
         ``public_messages``: how many leading messages are the server's own material, whose
         KV cache all users share; everything after them is cached for ``user_id`` alone.
-        ``agent`` labels the metrics (see ``Metrics.observe_generation``).
+        ``agent`` labels the metrics (see ``Metrics.observe_generation``). ``session``: a
+        stable key of the conversation, for engines with replica affinity.
         """
         release = self._limiter.acquire(user_id)
         try:
@@ -134,6 +136,7 @@ class GenerationService:
                 sampling=sampling,
                 cache_salt=user_id,
                 public_messages=public_messages,
+                session=session,
             )
             generation = await self.engine.submit(request)
         except BaseException:

@@ -48,8 +48,10 @@ async def list_models(_: CurrentUser, generations: GenerationsDep) -> ModelList:
     return ModelList(data=[ModelCard(id=generations.engine.model_id, created=_STARTED)])
 
 
-def _usage(finished: Finished) -> CompletionUsage:
+def _usage(finished: Finished) -> CompletionUsage | None:
     u = finished.usage
+    if u is None:
+        return None
     return CompletionUsage(
         prompt_tokens=u.prompt_tokens,
         completion_tokens=u.completion_tokens,
@@ -95,7 +97,11 @@ async def create_chat_completion(
         seed=body.seed,
     )
     generation = await generations.start(
-        user, messages, sampling, public_messages=1 if server_prompt else 0
+        user,
+        messages,
+        sampling,
+        public_messages=1 if server_prompt else 0,
+        session=_session(user, messages),
     )
     completion_id = f"chatcmpl-{uuid4().hex}"
     created = int(time.time())
@@ -112,6 +118,13 @@ async def create_chat_completion(
     finally:
         await generation.aclose()
     return Response(status_code=499) if result is None else result
+
+
+def _session(user: str, messages: list[ChatMessage]) -> str:
+    """This API is stateless, so a conversation is known by its user and its first
+    message, which every later request of the conversation repeats."""
+    first = next((m.content for m in messages if m.role != "system"), "")
+    return f"{user}\n{first}"
 
 
 async def _complete(
@@ -158,8 +171,9 @@ async def _chunks(
                 yield chunk(Delta(content=event.text))
             else:
                 yield chunk(Delta(), finish=event.finish_reason)
-                if include_usage:
-                    yield chunk(Delta(), usage=_usage(event))
+                usage = _usage(event)
+                if include_usage and usage is not None:
+                    yield chunk(Delta(), usage=usage)
     except ChatbotError as exc:
         # Headers are sent already: the error travels in the stream, as vLLM's does.
         yield sse(None, error_body(exc))

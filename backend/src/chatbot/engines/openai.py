@@ -1,0 +1,441 @@
+"""The ``openai`` engine: any OpenAI-compatible server; in production, vLLM with LMCache.
+
+The server owns the KV cache (vLLM's prefix cache, LMCache's CPU, disk and remote tiers).
+This engine's part is to let it work and to report what it did:
+
+- every request of a conversation carries the same key in an affinity header, so that a
+  router with session affinity (vLLM production-stack's ``session`` routing) sends the
+  conversation back to the replica that holds its KV cache;
+- ``cached_tokens`` is read from ``usage.prompt_tokens_details`` of the stream's last chunk
+  (``stream_options.include_usage``; vLLM fills it with ``--enable-prompt-tokens-details``);
+- TTFT is measured here, at the first content token, so that it includes the network and
+  the server's queue as the user sees them.
+
+``submit`` sends the request and waits for the response headers, so that a server that is
+down, full or refuses the prompt becomes a 503 or 400 before our own response has started.
+A request is retried only while nothing of its answer has been streamed: an answer is never
+sent twice. Closing a generation closes its connection, which makes vLLM abort the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from chatbot.engines.base import (
+    Engine,
+    EngineEvent,
+    Finished,
+    FinishReason,
+    Generation,
+    GenerationRequest,
+    TokenDelta,
+)
+from chatbot.models.domain import Timing, Usage
+from chatbot.models.errors import (
+    ChatbotError,
+    ContextLengthExceeded,
+    EngineFailure,
+    EngineOverloaded,
+    InvalidRequest,
+    ServiceUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+PROBE_INTERVAL_S = 5.0
+
+
+def affinity_key(session: str) -> str:
+    """A stable, opaque key for a conversation: routers and their logs see neither our
+    conversation ids nor anything a user wrote."""
+    return hashlib.blake2b(session.encode(), digest_size=12).hexdigest()
+
+
+class OpenAIEngine(Engine):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        model: str,
+        model_id: str,
+        context_tokens: int,
+        affinity_header: str,
+        max_connections: int,
+        connect_timeout: float,
+        read_timeout: float,
+        retries: int,
+        retry_backoff: float = 0.2,
+    ) -> None:
+        """``model``: the name the server serves; empty: the first it lists. ``model_id``:
+        the name our own API shows; empty: the server's. ``context_tokens``: the window
+        used until the server reports its own (vLLM's ``max_model_len``)."""
+        self._base_url = base_url.rstrip("/") + "/"
+        self._api_key = api_key
+        self._model = model
+        self._named = bool(model_id)
+        self.model_id = model_id or model
+        self._context_tokens = context_tokens
+        self._affinity_header = affinity_header
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        # read: the longest silence allowed between two chunks, the first one included
+        # (a long prompt waiting in the server's queue); pool: how long a request may wait
+        # for one of our connections before the engine counts as full.
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout)
+        self._retries = retries
+        self._retry_backoff = retry_backoff
+        self._client: httpx.AsyncClient | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._ready = False
+        self._waiting = 0
+
+    # --- Engine
+
+    @property
+    def context_tokens(self) -> int:
+        return self._context_tokens
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests sent and still waiting for their first token."""
+        return self._waiting
+
+    async def start(self) -> None:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+        self._client = httpx.AsyncClient(
+            base_url=self._base_url, headers=headers, limits=self._limits, timeout=self._timeout
+        )
+        # The API starts even when the model server does not answer yet (replicas start in
+        # any order); /readyz says so until it does.
+        if not await self._discover():
+            self._prober = asyncio.create_task(self._probe(), name="openai-engine-probe")
+
+    async def aclose(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+        if self._client is not None:
+            await self._client.aclose()  # closing the connections aborts upstream requests
+            self._client = None
+        self._ready = False
+
+    async def submit(self, request: GenerationRequest) -> Generation:
+        body = self._body(request)
+        headers = {self._affinity_header: affinity_key(request.session)} if request.session else {}
+        generation = _RemoteGeneration(self, body, headers)
+        await generation.send()
+        return generation
+
+    # --- the model server
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise ServiceUnavailable("the engine is not started")
+        return self._client
+
+    async def _discover(self) -> bool:
+        """Find the served model and its window; False if the server does not answer."""
+        try:
+            response = await self.client.get("models")
+            response.raise_for_status()
+            cards: list[dict[str, Any]] = response.json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("the model server at %s does not answer: %s", self._base_url, exc)
+            return False
+        served = [str(card.get("id")) for card in cards]
+        if not self._model:
+            if not served:
+                logger.warning("the model server at %s serves no model yet", self._base_url)
+                return False
+            self._model = served[0]
+        if not self._named:
+            self.model_id = self._model
+        if self._model not in served:
+            logger.error(
+                "the model server at %s does not serve %r (it serves %s)",
+                self._base_url,
+                self._model,
+                ", ".join(served) or "nothing",
+            )
+            return False
+        window = next(card.get("max_model_len") for card in cards if card["id"] == self._model)
+        if isinstance(window, int) and window > 0:
+            self._context_tokens = window
+        self._ready = True
+        logger.info(
+            "openai engine ready: %s at %s, %d-token context",
+            self._model,
+            self._base_url,
+            self._context_tokens,
+        )
+        return True
+
+    async def _probe(self) -> None:
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            if await self._discover():
+                return
+
+    def _body(self, request: GenerationRequest) -> dict[str, Any]:
+        sampling = request.sampling
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        return body
+
+    async def _open(self, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        """POST the request until the server accepts it (status 200, stream open)."""
+        attempt = 0
+        while True:
+            try:
+                response = await self._send(body, headers)
+            except _Retryable as exc:
+                if attempt >= self._retries:
+                    raise exc.error from exc
+                delay = exc.retry_after or self._retry_backoff * 2**attempt
+                logger.info("model server: %s; retry %d in %.2f s", exc.error, attempt + 1, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            return response
+
+    async def _send(self, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
+        request = self.client.build_request("POST", "chat/completions", json=body, headers=headers)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.PoolTimeout as exc:
+            raise EngineOverloaded(
+                "every connection to the model server is busy", retry_after=1
+            ) from exc
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Retryable(
+                ServiceUnavailable(
+                    "the model server cannot be reached", code="engine_unreachable", retry_after=5
+                )
+            ) from exc
+        except httpx.TransportError as exc:
+            # The request may have reached the server: sending it again could run it twice.
+            raise ServiceUnavailable(
+                f"the model server did not answer ({type(exc).__name__})",
+                code="engine_unreachable",
+                retry_after=5,
+            ) from exc
+        if response.status_code == 200:
+            return response
+        await response.aread()
+        await response.aclose()
+        raise _refusal(response)
+
+
+class _Retryable(Exception):
+    def __init__(self, error: ChatbotError, retry_after: float | None = None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _refusal(response: httpx.Response) -> Exception:
+    """What a model server's non-200 answer means for our caller."""
+    status = response.status_code
+    message = _error_message(response)
+    retry_after = _retry_after(response)
+    if status in RETRYABLE_STATUSES:
+        error = ServiceUnavailable(
+            f"the model server answered {status}: {message}",
+            code="engine_unavailable",
+            retry_after=retry_after or 5,
+        )
+        return _Retryable(error, retry_after)
+    if status == 429:
+        return EngineOverloaded(
+            f"the model server is full: {message}", retry_after=retry_after or 1
+        )
+    if status == 400 and "context" in message.lower():
+        return ContextLengthExceeded(message)
+    if status in (400, 422):
+        return InvalidRequest(f"the model server refused the request: {message}")
+    # 401, 403, 404 and the rest are this server's configuration, not the user's request.
+    logger.error("the model server answered %d: %s", status, message)
+    return EngineFailure(f"the model server answered {status}", code="engine_misconfigured")
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    if isinstance(error, dict):
+        return str(error.get("message") or error.get("detail") or error)[:500]
+    return str(error)[:500]
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return min(float(response.headers["retry-after"]), 30.0)
+    except (KeyError, ValueError):
+        return None
+
+
+class _RemoteGeneration(Generation):
+    """One streamed chat completion; counted as waiting until its first token."""
+
+    def __init__(self, engine: OpenAIEngine, body: dict[str, Any], headers: dict[str, str]) -> None:
+        self._engine = engine
+        self._body = body
+        self._headers = headers
+        self._response: httpx.Response | None = None
+        self._submitted_at = time.perf_counter()
+        self._accepted_at = self._submitted_at
+        self._waiting = False
+
+    async def send(self) -> None:
+        self._set_waiting(True)
+        try:
+            self._response = await self._engine._open(self._body, self._headers)
+        except BaseException:
+            self._set_waiting(False)
+            raise
+        self._accepted_at = time.perf_counter()
+
+    def _set_waiting(self, waiting: bool) -> None:
+        if waiting != self._waiting:
+            self._engine._waiting += 1 if waiting else -1
+            self._waiting = waiting
+
+    def __aiter__(self) -> AsyncIterator[EngineEvent]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[EngineEvent]:
+        first_at: float | None = None
+        attempt = 0
+        while True:
+            stream = _Stream()
+            try:
+                async for delta in stream.read(self._require_response()):
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                        self._set_waiting(False)
+                    yield TokenDelta(delta)
+                break
+            except (httpx.TransportError, _StreamBroken) as exc:
+                await self._close_response()
+                if first_at is not None or attempt >= self._engine._retries:
+                    raise EngineFailure(
+                        "the model server failed while answering", code="engine_failed"
+                    ) from exc
+                # Nothing has reached our client: the request can be sent again.
+                attempt += 1
+                logger.info("model server stream broke before its first token: %s", exc)
+                await self.send()
+        ended = time.perf_counter()
+        await self.aclose()
+        first = first_at or ended
+        yield Finished(
+            usage=stream.usage,
+            timing=Timing(
+                queue_ms=_ms(self._accepted_at - self._submitted_at),
+                prefill_ms=_ms(first - self._accepted_at),
+                ttft_ms=_ms(first - self._submitted_at),
+                total_ms=_ms(ended - self._submitted_at),
+            ),
+            finish_reason=stream.finish_reason,
+        )
+
+    def _require_response(self) -> httpx.Response:
+        if self._response is None:
+            raise ServiceUnavailable("the request was not sent")
+        return self._response
+
+    async def _close_response(self) -> None:
+        if self._response is not None:
+            response, self._response = self._response, None
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        self._set_waiting(False)
+        await self._close_response()
+
+
+class _StreamBroken(Exception):
+    """The server ended the stream without finishing the answer."""
+
+
+class _Stream:
+    """Reads one Server-Sent-Events chat completion stream."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.finish_reason: FinishReason = "stop"
+        self._finished = False
+
+    async def read(self, response: httpx.Response) -> AsyncIterator[str]:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators, comments, event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise _StreamBroken(f"the stream sent malformed JSON: {data[:100]!r}") from exc
+            if "error" in chunk:
+                # vLLM reports a failure inside the stream once the headers are sent.
+                raise EngineFailure(
+                    f"the model server failed: {_chunk_error(chunk['error'])}",
+                    code="engine_failed",
+                )
+            for choice in chunk.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    yield content
+                if choice.get("finish_reason"):
+                    self._finished = True
+                    self.finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+            if chunk.get("usage"):
+                self.usage = _usage(chunk["usage"])
+        if not self._finished:
+            raise _StreamBroken("the stream ended before the answer finished")
+
+
+def _chunk_error(error: Any) -> str:
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+
+
+def _usage(usage: dict[str, Any]) -> Usage:
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        cached_tokens=int(details.get("cached_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
