@@ -32,7 +32,7 @@ def model_path() -> Path:
     return bundled_model_path(cache)
 
 
-def make_settings(model_path: Path, kv_dir: Path, **overrides: object) -> Settings:
+def make_settings(model_path: Path | None, kv_dir: Path, **overrides: object) -> Settings:
     """Settings for tests: small limits, short answers, greedy decoding, four users, and
     the KV cache's disk tier in a folder of the test's own."""
     values: dict[str, object] = {

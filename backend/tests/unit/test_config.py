@@ -49,3 +49,16 @@ def test_inconsistent_values_refuse_to_start() -> None:
         settings(max_tokens=4096, max_tokens_limit=1024)
     with pytest.raises(ValidationError):
         settings(engine="quantum")
+
+
+def test_the_openai_engine_needs_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="CHATBOT_OPENAI_BASE_URL"):
+        settings(engine="openai")
+    with pytest.raises(ValidationError, match="http"):
+        settings(engine="openai", openai_base_url="vllm:8000/v1")
+    monkeypatch.setenv("CHATBOT_ENGINE", "openai")
+    monkeypatch.setenv("CHATBOT_OPENAI_BASE_URL", "http://vllm:8000/v1")
+    monkeypatch.setenv("CHATBOT_OPENAI_API_KEY", "sk-secret-0123456789")
+    s = settings()
+    assert (s.engine, s.openai_base_url) == ("openai", "http://vllm:8000/v1")
+    assert "sk-secret" not in repr(s)

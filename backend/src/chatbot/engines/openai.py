@@ -75,6 +75,7 @@ class OpenAIEngine(Engine):
         read_timeout: float,
         retries: int,
         retry_backoff: float = 0.2,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         """``model``: the name the server serves; empty: the first it lists. ``model_id``:
         the name our own API shows; empty: the server's. ``context_tokens``: the window
@@ -95,6 +96,7 @@ class OpenAIEngine(Engine):
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout)
         self._retries = retries
         self._retry_backoff = retry_backoff
+        self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._prober: asyncio.Task[None] | None = None
         self._ready = False
@@ -118,7 +120,11 @@ class OpenAIEngine(Engine):
     async def start(self) -> None:
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         self._client = httpx.AsyncClient(
-            base_url=self._base_url, headers=headers, limits=self._limits, timeout=self._timeout
+            base_url=self._base_url,
+            headers=headers,
+            limits=self._limits,
+            timeout=self._timeout,
+            transport=self._transport,
         )
         # The API starts even when the model server does not answer yet (replicas start in
         # any order); /readyz says so until it does.
@@ -313,6 +319,7 @@ class _RemoteGeneration(Generation):
         self._submitted_at = time.perf_counter()
         self._accepted_at = self._submitted_at
         self._waiting = False
+        self._closed = False
 
     async def send(self) -> None:
         self._set_waiting(True)
@@ -328,6 +335,10 @@ class _RemoteGeneration(Generation):
             self._engine._waiting += 1 if waiting else -1
             self._waiting = waiting
 
+    def closed(self) -> bool:
+        """Closed by the consumer (which may happen while a read is awaited)."""
+        return self._closed
+
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
         return self._events()
 
@@ -335,6 +346,8 @@ class _RemoteGeneration(Generation):
         first_at: float | None = None
         attempt = 0
         while True:
+            if self.closed():
+                return
             stream = _Stream()
             try:
                 async for delta in stream.read(self._require_response()):
@@ -343,7 +356,9 @@ class _RemoteGeneration(Generation):
                         self._set_waiting(False)
                     yield TokenDelta(delta)
                 break
-            except (httpx.TransportError, _StreamBroken) as exc:
+            except (httpx.HTTPError, httpx.StreamError, _StreamBroken) as exc:
+                if self.closed():
+                    return  # closed by our consumer while reading: cancelled, not failed
                 await self._close_response()
                 if first_at is not None or attempt >= self._engine._retries:
                     raise EngineFailure(
@@ -354,7 +369,8 @@ class _RemoteGeneration(Generation):
                 logger.info("model server stream broke before its first token: %s", exc)
                 await self.send()
         ended = time.perf_counter()
-        await self.aclose()
+        self._set_waiting(False)
+        await self._close_response()
         first = first_at or ended
         yield Finished(
             usage=stream.usage,
@@ -378,6 +394,7 @@ class _RemoteGeneration(Generation):
             await response.aclose()
 
     async def aclose(self) -> None:
+        self._closed = True
         self._set_waiting(False)
         await self._close_response()
 

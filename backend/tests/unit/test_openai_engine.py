@@ -1,0 +1,187 @@
+"""The ``openai`` engine against answers shaped as vLLM's: what llama_cpp.server (the real
+server of the integration tests) never sends — usage with cached tokens, ``max_model_len``,
+429 with ``Retry-After``, an error inside the stream, a stream cut before its first token.
+The transport below replays such answers; it is a stand-in for vLLM, which cannot run here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from chatbot.engines.base import Finished, GenerationRequest, SamplingParams, TokenDelta
+from chatbot.engines.openai import OpenAIEngine, affinity_key
+from chatbot.models.domain import ChatMessage
+from chatbot.models.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    EngineOverloaded,
+    ServiceUnavailable,
+)
+
+pytestmark = pytest.mark.anyio
+
+MODELS = {"object": "list", "data": [{"id": "served", "max_model_len": 32768}]}
+REQUEST = GenerationRequest(
+    messages=(ChatMessage(role="user", content="Hello"),),
+    sampling=SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0),
+    cache_salt="alice",
+    session="conv_1",
+)
+
+
+def sse(*chunks: dict[str, Any], done: bool = True) -> bytes:
+    lines = [f"data: {json.dumps(chunk)}\n\n" for chunk in chunks]
+    return ("".join(lines) + ("data: [DONE]\n\n" if done else "")).encode()
+
+
+def delta(text: str, finish: str | None = None) -> dict[str, Any]:
+    return {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]}
+
+
+USAGE = {
+    "choices": [],
+    "usage": {
+        "prompt_tokens": 120,
+        "completion_tokens": 2,
+        "total_tokens": 122,
+        "prompt_tokens_details": {"cached_tokens": 96},
+    },
+}
+ANSWER = sse(delta("Hi"), delta(" there", "stop"), USAGE)
+
+Reply = Callable[[httpx.Request], httpx.Response]
+
+
+class VLLMReplay(httpx.AsyncBaseTransport):
+    """Answers /models, then each chat completion with the next scripted reply."""
+
+    def __init__(self, *replies: Reply) -> None:
+        self.replies = list(replies)
+        self.requests: list[httpx.Request] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json=MODELS)
+        self.requests.append(request)
+        return self.replies.pop(0)(request)
+
+
+def ok(body: bytes) -> Reply:
+    return lambda _: httpx.Response(
+        200, content=body, headers={"content-type": "text/event-stream"}
+    )
+
+
+def status(code: int, message: str, **headers: str) -> Reply:
+    return lambda _: httpx.Response(code, json={"error": {"message": message}}, headers=headers)
+
+
+def refused(_: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused")
+
+
+async def run(transport: VLLMReplay, request: GenerationRequest = REQUEST) -> list[Any]:
+    engine = OpenAIEngine(
+        "http://vllm:8000/v1",
+        api_key="secret",
+        model="",
+        model_id="",
+        context_tokens=4096,
+        affinity_header="x-session-id",
+        max_connections=4,
+        connect_timeout=1,
+        read_timeout=5,
+        retries=2,
+        retry_backoff=0.001,
+        transport=transport,
+    )
+    await engine.start()
+    try:
+        assert engine.ready
+        assert engine.model_id == "served"
+        assert engine.context_tokens == 32768  # vLLM's max_model_len, not the fallback
+        generation = await engine.submit(request)
+        async with generation:
+            return [event async for event in generation]
+    finally:
+        await engine.aclose()
+        assert engine.queue_depth == 0
+
+
+async def test_a_streamed_answer_with_cached_tokens_and_the_affinity_header() -> None:
+    transport = VLLMReplay(ok(ANSWER))
+    events = await run(transport)
+    assert [e.text for e in events if isinstance(e, TokenDelta)] == ["Hi", " there"]
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.usage is not None
+    assert (finished.usage.prompt_tokens, finished.usage.cached_tokens) == (120, 96)
+    assert finished.finish_reason == "stop"
+    (sent,) = transport.requests
+    assert sent.headers["x-session-id"] == affinity_key("conv_1")
+    assert sent.headers["authorization"] == "Bearer secret"
+    body = json.loads(sent.content)
+    assert body["model"] == "served"
+    assert body["stream_options"] == {"include_usage": True}
+
+
+async def test_a_server_that_is_not_taking_requests_is_retried() -> None:
+    transport = VLLMReplay(refused, status(503, "loading"), ok(ANSWER))
+    events = await run(transport)
+    assert isinstance(events[-1], Finished)
+    assert len(transport.requests) == 3
+
+
+async def test_retries_end_in_a_503() -> None:
+    transport = VLLMReplay(*[status(502, "bad gateway")] * 3)
+    with pytest.raises(ServiceUnavailable) as raised:
+        await run(transport)
+    assert raised.value.retry_after == 5
+    assert len(transport.requests) == 3
+
+
+@pytest.mark.parametrize(
+    ("reply", "error", "retry_after"),
+    [
+        (status(429, "too many requests", **{"retry-after": "7"}), EngineOverloaded, 7),
+        (
+            status(400, "This model's maximum context length is 32768 tokens."),
+            ContextLengthExceeded,
+            None,
+        ),
+        (status(401, "invalid api key"), EngineFailure, None),
+    ],
+)
+async def test_refusals_map_to_our_errors_without_retrying(
+    reply: Reply, error: type[Exception], retry_after: float | None
+) -> None:
+    transport = VLLMReplay(reply)
+    with pytest.raises(error) as raised:
+        await run(transport)
+    assert getattr(raised.value, "retry_after", None) == retry_after
+    assert len(transport.requests) == 1
+
+
+async def test_a_stream_cut_before_its_first_token_is_sent_again() -> None:
+    transport = VLLMReplay(ok(sse(done=False)), ok(ANSWER))
+    events = await run(transport)
+    assert isinstance(events[-1], Finished)
+    assert len(transport.requests) == 2
+
+
+async def test_a_stream_cut_after_a_token_fails_and_is_not_sent_again() -> None:
+    transport = VLLMReplay(ok(sse(delta("Hi"), done=False)), ok(ANSWER))
+    with pytest.raises(EngineFailure):
+        await run(transport)
+    assert len(transport.requests) == 1
+
+
+async def test_an_error_inside_the_stream_fails_the_generation() -> None:
+    error = {"error": {"message": "CUDA out of memory", "code": 500}}
+    transport = VLLMReplay(ok(sse(delta("Hi"), error)))
+    with pytest.raises(EngineFailure, match="CUDA out of memory"):
+        await run(transport)

@@ -1,0 +1,140 @@
+"""Model servers the ``openai`` engine is tested against: llama-cpp-python's own
+OpenAI-compatible server (``python -m llama_cpp.server``) on the bundled GGUF, really
+generating, and a recording proxy that sits between the chatbot and such a server and notes
+what the chatbot sends and when it hangs up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import StreamingResponse
+
+from tests.conftest import free_port, serve_in_thread
+
+UPSTREAM_MODEL = "upstream-gemma"
+
+
+@dataclass
+class LlamaServer:
+    url: str  # the OpenAI base URL, ending in /v1
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes mid-sentence, connections and all."""
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+
+@contextmanager
+def llama_server(model_path: Path, *, context_tokens: int) -> Iterator[LlamaServer]:
+    port = free_port()
+    threads = str(os.cpu_count() or 1)
+    command = [
+        *(sys.executable, "-m", "llama_cpp.server", "--model", str(model_path)),
+        *("--model_alias", UPSTREAM_MODEL, "--n_ctx", str(context_tokens)),
+        # The GGUF has no chat template, and with the fallback (llama-2) the model answers
+        # follow-up turns with nothing at all; Gemma's own turn markers keep it talking.
+        *("--chat_format", "gemma"),
+        *("--n_threads", threads, "--n_threads_batch", threads),
+        *("--host", "127.0.0.1", "--port", str(port), "--verbose", "false"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = LlamaServer(url=f"http://127.0.0.1:{port}/v1", process=process)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"llama_cpp.server exited with {process.returncode}")
+            try:
+                if httpx.get(f"{server.url}/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@dataclass
+class Exchange:
+    """One request that went through the proxy."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    finished: bool = False  # the whole upstream response reached the chatbot
+    closed: bool = False  # the proxy has let go of the upstream response
+
+
+class RecordingProxy:
+    """Forwards every request to ``upstream`` as it is, streaming the response back."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream.rstrip("/")
+        self.exchanges: list[Exchange] = []
+        self.app = FastAPI()
+        self.app.add_api_route("/{path:path}", self._forward, methods=["GET", "POST"])
+
+    def completions(self) -> list[Exchange]:
+        return [e for e in self.exchanges if e.path.endswith("/chat/completions")]
+
+    async def _forward(self, path: str, request: Request) -> Response:
+        exchange = Exchange(
+            method=request.method,
+            path=f"/{path}",
+            headers=dict(request.headers),
+            body=await request.body(),
+        )
+        self.exchanges.append(exchange)
+        client = httpx.AsyncClient(timeout=120)
+        upstream = await client.send(
+            client.build_request(
+                request.method,
+                f"{self.upstream}/{path}",
+                content=exchange.body,
+                headers={"content-type": request.headers.get("content-type", "")},
+            ),
+            stream=True,
+        )
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    yield chunk
+                exchange.finished = True
+            finally:
+                # Also when the chatbot hangs up: the upstream request is dropped with it.
+                await upstream.aclose()
+                await client.aclose()
+                exchange.closed = True
+
+        return StreamingResponse(
+            relay(),
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type"),
+        )
+
+
+@contextmanager
+def recording_proxy(upstream: str) -> Iterator[tuple[str, RecordingProxy]]:
+    """(the proxy's OpenAI base URL, the proxy)."""
+    proxy = RecordingProxy(upstream.removesuffix("/v1"))
+    for url in serve_in_thread(proxy.app):
+        yield f"{url}/v1", proxy
