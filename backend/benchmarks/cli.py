@@ -11,8 +11,9 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ import typer
 
 from benchmarks import report
 from benchmarks.machine import describe
-from benchmarks.servers import Target, chatbot, llama_cpp_server
+from benchmarks.servers import MODEL_ID, Target, chatbot, llama_cpp_server, model_server
 from benchmarks.workloads import (
     SYSTEM_PROMPT,
     Row,
@@ -536,6 +537,140 @@ def agents_bench(
     return result
 
 
+@contextmanager
+def _through_chatbot(
+    name: str, upstream: Factory, users: int, answer_tokens: int
+) -> Iterator[Target]:
+    """The chatbot on its ``openai`` engine, in front of the model server ``upstream``."""
+    with upstream() as server:
+        env = {
+            "CHATBOT_ENGINE": "openai",
+            "CHATBOT_OPENAI_BASE_URL": server.url,
+            "CHATBOT_OPENAI_MODEL": server.model,
+        }
+        if server.keys[0] != "unused":
+            env["CHATBOT_OPENAI_API_KEY"] = server.keys[0]
+        with chatbot(
+            name,
+            users=users,
+            system_prompt=SYSTEM_PROMPT,
+            max_tokens=answer_tokens,
+            cache="off",  # the embedded engine's setting; the model server keeps the cache
+            env=env,
+        ) as front:
+            front.notes = {"engine": "openai", "model server": server.name, **server.notes}
+            yield front
+
+
+@app.command("openai")
+def openai_bench(
+    users: Annotated[int, typer.Option(help="Simulated users.")] = 6,
+    rounds: Annotated[int, typer.Option(help="Questions per user.")] = 4,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 24,
+    base_url: Annotated[
+        str | None,
+        typer.Option(
+            help="A model server already running, e.g. vLLM with LMCache at "
+            "http://gpu-node:8000/v1; default: llama_cpp.server on the bundled model."
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="The model that server serves.")] = "",
+    api_key: Annotated[str | None, typer.Option(help="That server's API key.")] = None,
+) -> dict[str, Any]:
+    """The multi-round workload through the chatbot's openai engine, beside the model
+    server alone: what the API tier adds to TTFT, and the cached share the server reports."""
+    settings = {"users": users, "rounds": rounds, "answer_tokens": answer_tokens}
+    result, lines = _header("Multi-round QA through the openai engine", settings)
+    typer.echo("openai", err=True)
+    if base_url is None:
+        alone = "llama_cpp.server"
+
+        def server() -> AbstractContextManager[Target]:
+            # Gemma's turn markers: with the fallback format the model answers follow-ups
+            # with nothing, and the conversations would not grow.
+            return llama_cpp_server(
+                alone, users=users, model_path=_model_path(), cache=False, chat_format="gemma"
+            )
+
+        def chained() -> AbstractContextManager[Target]:
+            return chatbot(
+                "chatbot, embedded, tiered KV cache",
+                users=1,
+                system_prompt=SYSTEM_PROMPT,
+                max_tokens=answer_tokens,
+                cache="tiered",
+            )
+
+        fronts = {
+            "chatbot, openai engine → llama_cpp.server": server,
+            "chatbot, openai engine → chatbot (embedded, tiered KV cache)": chained,
+        }
+    else:
+        alone = "model server"
+
+        def server() -> AbstractContextManager[Target]:
+            return model_server(
+                alone, users=users, base_url=base_url, api_key=api_key, model=model or MODEL_ID
+            )
+
+        fronts = {"chatbot, openai engine → model server": server}
+    targets: dict[str, Factory] = {alone: server}
+    for name, upstream in fronts.items():
+        targets[name] = partial(_through_chatbot, name, upstream, users, answer_tokens)
+
+    def workload(target: Target, observe: Callable[[Target], None]) -> list[Row]:
+        return multi_round(
+            target, users=users, rounds=rounds, answer_tokens=answer_tokens, observe=observe
+        )
+
+    runs = [_run(factory, workload) for factory in targets.values()]
+    result["runs"] = runs
+    summary: dict[str, dict[str, Any]] = {
+        run["target"]: {
+            "round 1": report.ttft_summary(r for r in run["rows"] if r["round"] == 1),
+            "rounds >= 2": report.ttft_summary(r for r in run["rows"] if _follow_ups(r)),
+            "cached share, rounds >= 2": report.cached_share(
+                r for r in run["rows"] if _follow_ups(r)
+            ),
+        }
+        for run in runs
+    }
+    result["summary"] = summary
+    base = summary[alone]["rounds >= 2"]["p50_ms"]
+    lines += report.table(
+        [
+            "server",
+            "round 1 TTFT p50 (ms)",
+            "rounds ≥ 2 TTFT p50 (ms)",
+            "rounds ≥ 2 TTFT p95 (ms)",
+            "cached share, rounds ≥ 2 (reported by the model server)",
+        ],
+        [
+            [
+                name,
+                s["round 1"].get("p50_ms"),
+                s["rounds >= 2"].get("p50_ms"),
+                s["rounds >= 2"].get("p95_ms"),
+                report.pct(s["cached share, rounds >= 2"]),
+            ]
+            for name, s in summary.items()
+        ],
+    )
+    front = next(iter(fronts))
+    added = round(summary[front]["rounds >= 2"]["p50_ms"] - base, 1)
+    result["headline"] = {"added_ttft_p50_ms": added}
+    lines += [
+        "",
+        f"Rounds ≥ 2: the chatbot in front of {alone} adds {added} ms to TTFT p50 "
+        "(routing, prompt layout, the HTTP hop and re-streaming).",
+        "",
+        "Point the same workload at vLLM with LMCache: `python -m benchmarks openai "
+        "--base-url http://<gpu-node>:8000/v1 --model <served model>`.",
+    ]
+    _write("openai_engine", result, lines)
+    return result
+
+
 @app.command("all")
 def all_benchmarks(
     peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
@@ -546,6 +681,7 @@ def all_benchmarks(
     repeated_bench(peers=peers)
     long_bench(peers=peers)
     agents_bench()
+    openai_bench()
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import httpx
 
-from benchmarks.servers import MODEL_ID
-
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -23,10 +21,15 @@ class Reply:
 
 
 def chat(
-    client: httpx.Client, key: str, messages: list[dict[str, str]], *, max_tokens: int
+    client: httpx.Client,
+    key: str,
+    messages: list[dict[str, str]],
+    *,
+    model: str,
+    max_tokens: int,
 ) -> Reply:
     body = {
-        "model": MODEL_ID,
+        "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0,

@@ -29,9 +29,10 @@ class Target:
     url: str  # OpenAI base URL, ending in /v1
     keys: list[str]  # one bearer key per simulated user
     sends_system_prompt: bool  # False: the server holds the shared system prompt itself
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None: a server this benchmark did not start
     is_chatbot: bool
     notes: dict[str, Any] = field(default_factory=dict)
+    model: str = MODEL_ID
 
     def cache_stats(self) -> dict[str, Any] | None:
         if not self.is_chatbot:
@@ -43,8 +44,10 @@ class Target:
         stats: dict[str, Any] = response.json()
         return stats
 
-    def peak_rss_mib(self) -> float:
+    def peak_rss_mib(self) -> float | None:
         """The server process's peak resident memory so far."""
+        if self.process is None:
+            return None
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024, 1)
@@ -152,10 +155,12 @@ def llama_cpp_server(
     cache: bool,
     cache_bytes: int = 2 * 1024**3,
     context_tokens: int = 8192,
+    chat_format: str | None = None,
 ) -> Iterator[Target]:
     """``python -m llama_cpp.server``; its cache option keeps ``Llama.save_state`` copies
     in a ``LlamaRAMCache`` of ``cache_bytes`` (which counts the KV state, not the logits
-    each copy carries)."""
+    each copy carries). ``chat_format``: None uses its fallback for a GGUF without a chat
+    template (llama-2)."""
     port = _free_port()
     command = [
         sys.executable,
@@ -180,6 +185,8 @@ def llama_cpp_server(
     ]
     if cache:
         command += ["--cache", "true", "--cache_type", "ram", "--cache_size", str(cache_bytes)]
+    if chat_format:
+        command += ["--chat_format", chat_format]
     url = f"http://127.0.0.1:{port}/v1"
     with _running(command, dict(os.environ), f"{url}/models") as process:
         yield Target(
@@ -189,5 +196,25 @@ def llama_cpp_server(
             sends_system_prompt=True,
             process=process,
             is_chatbot=False,
-            notes={"cache": "LlamaRAMCache" if cache else "live context only"},
+            notes={
+                "cache": "LlamaRAMCache" if cache else "live context only",
+                "chat_format": chat_format or "llama-2",
+            },
         )
+
+
+@contextmanager
+def model_server(
+    name: str, *, users: int, base_url: str, api_key: str | None, model: str
+) -> Iterator[Target]:
+    """An OpenAI-compatible server that is already running (vLLM with LMCache, say)."""
+    yield Target(
+        model=model,
+        name=name,
+        url=base_url.rstrip("/"),
+        keys=[api_key or "unused"] * users,
+        sends_system_prompt=True,
+        process=None,
+        is_chatbot=False,
+        notes={"base_url": base_url},
+    )

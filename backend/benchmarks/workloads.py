@@ -124,7 +124,13 @@ class Conversation:
 
     def ask(self, client: httpx.Client, content: str, max_tokens: int) -> Reply:
         self.messages.append({"role": "user", "content": content})
-        reply = chat(client, self.target.keys[self.user], self.messages, max_tokens=max_tokens)
+        reply = chat(
+            client,
+            self.target.keys[self.user],
+            self.messages,
+            model=self.target.model,
+            max_tokens=max_tokens,
+        )
         self.messages.append({"role": "assistant", "content": reply.text})
         return reply
 
