@@ -6,7 +6,7 @@ The transport below replays such answers; it is a stand-in for vLLM, which canno
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -185,3 +185,16 @@ async def test_an_error_inside_the_stream_fails_the_generation() -> None:
     transport = VLLMReplay(ok(sse(delta("Hi"), error)))
     with pytest.raises(EngineFailure, match="CUDA out of memory"):
         await run(transport)
+
+
+async def test_a_silent_server_times_out_and_is_not_asked_twice() -> None:
+    class Silent(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            raise httpx.ReadTimeout("no chunk")
+            yield b""  # pragma: no cover - makes this an async generator
+
+    transport = VLLMReplay(lambda _: httpx.Response(200, stream=Silent()), ok(ANSWER))
+    with pytest.raises(EngineFailure) as raised:
+        await run(transport)
+    assert raised.value.code == "engine_timeout"
+    assert len(transport.requests) == 1

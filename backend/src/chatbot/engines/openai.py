@@ -360,6 +360,11 @@ class _RemoteGeneration(Generation):
                 if self.closed():
                     return  # closed by our consumer while reading: cancelled, not failed
                 await self._close_response()
+                if isinstance(exc, httpx.TimeoutException):
+                    # Silent, not gone: it may still be computing, so it is not asked twice.
+                    raise EngineFailure(
+                        "the model server sent nothing for too long", code="engine_timeout"
+                    ) from exc
                 if first_at is not None or attempt >= self._engine._retries:
                     raise EngineFailure(
                         "the model server failed while answering", code="engine_failed"
