@@ -5,70 +5,35 @@ what the chatbot sends and when it hangs up."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from benchmarks.servers import MODEL_ID, Target, llama_cpp_server
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
-from tests.conftest import free_port, serve_in_thread
+from tests.conftest import serve_in_thread
 
-UPSTREAM_MODEL = "upstream-gemma"
-
-
-@dataclass
-class LlamaServer:
-    url: str  # the OpenAI base URL, ending in /v1
-    process: subprocess.Popen[bytes]
-
-    def kill(self) -> None:
-        """SIGKILL: the server vanishes mid-sentence, connections and all."""
-        self.process.kill()
-        self.process.wait(timeout=30)
+UPSTREAM_MODEL = MODEL_ID
 
 
 @contextmanager
-def llama_server(model_path: Path, *, context_tokens: int) -> Iterator[LlamaServer]:
-    port = free_port()
-    threads = str(os.cpu_count() or 1)
-    command = [
-        *(sys.executable, "-m", "llama_cpp.server", "--model", str(model_path)),
-        *("--model_alias", UPSTREAM_MODEL, "--n_ctx", str(context_tokens)),
+def llama_server(model_path: Path, *, context_tokens: int) -> Iterator[Target]:
+    """The benchmarks' own launcher; ``Target.url`` is its OpenAI base URL."""
+    with llama_cpp_server(
+        "llama_cpp.server",
+        users=1,
+        model_path=model_path,
+        cache=False,
+        context_tokens=context_tokens,
         # The GGUF has no chat template, and with the fallback (llama-2) the model answers
         # follow-up turns with nothing at all; Gemma's own turn markers keep it talking.
-        *("--chat_format", "gemma"),
-        *("--n_threads", threads, "--n_threads_batch", threads),
-        *("--host", "127.0.0.1", "--port", str(port), "--verbose", "false"),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    server = LlamaServer(url=f"http://127.0.0.1:{port}/v1", process=process)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"llama_cpp.server exited with {process.returncode}")
-            try:
-                if httpx.get(f"{server.url}/models", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
+        chat_format="gemma",
+    ) as server:
         yield server
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 @dataclass

@@ -15,18 +15,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from benchmarks.servers import Target
 
 from chatbot.api.app import create_app
 from chatbot.engines.openai import affinity_key
 from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, make_settings, serve_in_thread
 from tests.sse import parse_events
-from tests.upstream import (
-    UPSTREAM_MODEL,
-    LlamaServer,
-    RecordingProxy,
-    llama_server,
-    recording_proxy,
-)
+from tests.upstream import UPSTREAM_MODEL, RecordingProxy, llama_server, recording_proxy
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.model
@@ -60,14 +55,14 @@ def front(tmp_path: Path, docs_dir: Path, base_url: str, **overrides: object) ->
 
 
 @pytest.fixture(scope="module")
-def upstream(model_path: Path) -> Iterator[LlamaServer]:
+def upstream(model_path: Path) -> Iterator[Target]:
     with llama_server(model_path, context_tokens=CONTEXT_TOKENS) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
 def proxied(
-    upstream: LlamaServer, docs_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    upstream: Target, docs_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, RecordingProxy]]:
     """(the chatbot's URL, the proxy between it and llama_cpp.server)."""
     with recording_proxy(upstream.url) as (proxy_url, proxy):
@@ -223,6 +218,8 @@ def test_a_model_server_that_dies_mid_answer(
     """SIGKILL mid-stream: an ``error`` event, the conversation keeps every earlier message
     and the failed answer, and the next message is a quick 503 with ``Retry-After``."""
     with llama_server(model_path, context_tokens=CONTEXT_TOKENS) as server:
+        process = server.process
+        assert process is not None
         for url in front(tmp_path, docs_dir, server.url, max_tokens=400):
             with client(url) as alice:
                 conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
@@ -233,8 +230,9 @@ def test_a_model_server_that_dies_mid_answer(
                 with alice.stream("POST", path, json=body) as response:
                     for event in parse_events(response.iter_lines()):
                         events.append(event)
-                        if event[0] == "token" and server.process.poll() is None:
-                            server.kill()
+                        if event[0] == "token" and process.poll() is None:
+                            process.kill()  # SIGKILL: gone mid-sentence, connections and all
+                            process.wait(timeout=30)
                 name, error = events[-1]
                 assert name == "error", events
                 assert error["error"]["code"] == "engine_failed"
