@@ -92,8 +92,9 @@ def openapi(
     add_help_option=False,
 )
 def bench(ctx: typer.Context) -> None:
-    """Run the KV-cache benchmarks: multi-round, repeated, long, all (see `chatbot bench
-    --help`). Each starts its own servers on loopback; results go to benchmarks/results/."""
+    """Run the benchmarks: state-io, multi-round, repeated, long, agents, openai, all (see
+    `chatbot bench --help`). Each starts its own servers on loopback; results go to
+    benchmarks/results/."""
     try:
         from benchmarks.cli import app as benchmarks_app
     except ImportError as exc:  # installed without the dev extra
