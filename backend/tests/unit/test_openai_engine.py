@@ -198,3 +198,11 @@ async def test_a_silent_server_times_out_and_is_not_asked_twice() -> None:
         await run(transport)
     assert raised.value.code == "engine_timeout"
     assert len(transport.requests) == 1
+
+
+async def test_a_server_asking_for_a_long_pause_is_not_waited_for() -> None:
+    transport = VLLMReplay(status(503, "warming up", **{"retry-after": "20"}), ok(ANSWER))
+    with pytest.raises(ServiceUnavailable) as raised:
+        await run(transport)
+    assert raised.value.retry_after == 20  # passed on to our client
+    assert len(transport.requests) == 1

@@ -31,7 +31,14 @@ from chatbot.agents.router import RuleRouter, parse_route, routing_prompt
 from chatbot.agents.state import ConversationState, Route, Summary
 from chatbot.config import RouterKind, Settings
 from chatbot.engines.base import Engine, Generation, SamplingParams, TokenDelta
-from chatbot.models.domain import AgentName, ChatMessage, Message, MessageStatus, new_id
+from chatbot.models.domain import (
+    AgentName,
+    ChatMessage,
+    Message,
+    MessageStatus,
+    Usage,
+    new_id,
+)
 from chatbot.models.errors import ChatbotError, EngineFailure
 from chatbot.observability.metrics import Metrics
 
@@ -318,14 +325,8 @@ class Agents:
             expected = [*prompt.messages, layout.spoken(answer)]
             update["prefix_digest"] = layout.digest(expected)
             update["prefix_length"] = len(expected)
-            if finished is not None and finished.usage is not None:
-                usage = finished.usage
-                update["context_tokens"] = usage.prompt_tokens + usage.completion_tokens
-            elif finished is not None:
-                # A server that reports no usage: estimated, for the compaction threshold
-                # alone, so that the conversation is compacted before it overflows.
-                text = sum(len(m.content) for m in expected)
-                update["context_tokens"] = text // CHARS_PER_TOKEN + 8 * len(expected)
+            if finished is not None:
+                update["context_tokens"] = _context_tokens(finished.usage, expected)
         return update
 
     def _uncited_source(self, question: str, answer: str) -> str | None:
@@ -360,6 +361,15 @@ async def _complete(
             if isinstance(event, TokenDelta):
                 parts.append(event.text)
     return "".join(parts)
+
+
+def _context_tokens(usage: Usage | None, messages: list[ChatMessage]) -> int:
+    """Tokens a turn left in the context: as counted by the engine, or, from a server that
+    reports no usage, estimated for the compaction threshold, so that the conversation is
+    compacted before it overflows."""
+    if usage is not None:
+        return usage.prompt_tokens + usage.completion_tokens
+    return sum(len(m.content) for m in messages) // CHARS_PER_TOKEN + 8 * len(messages)
 
 
 def _pending(state: ConversationState) -> Message:

@@ -51,6 +51,9 @@ from chatbot.models.errors import (
 logger = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+LONGEST_RETRY_WAIT_S = 1.0
+"""Our client waits while we retry: a server that asks for a longer pause is not retried,
+its ``Retry-After`` is passed on instead."""
 PROBE_INTERVAL_S = 5.0
 
 
@@ -221,9 +224,9 @@ class OpenAIEngine(Engine):
             try:
                 response = await self._send(body, headers)
             except _Retryable as exc:
-                if attempt >= self._retries:
-                    raise exc.error from exc
                 delay = exc.retry_after or self._retry_backoff * 2**attempt
+                if attempt >= self._retries or delay > LONGEST_RETRY_WAIT_S:
+                    raise exc.error from exc
                 logger.info("model server: %s; retry %d in %.2f s", exc.error, attempt + 1, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
