@@ -102,3 +102,12 @@ def live_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     app = create_app(make_settings(model_path, tmp_path_factory.mktemp("kv")))
     for url in serve_in_thread(app):
         yield LiveServer(url=url, app=app)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of the test session's own (see tests/postgres.py)."""
+    from tests.postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url

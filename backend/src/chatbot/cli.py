@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -54,13 +55,25 @@ def serve(
         shown,
         settings.port,
     )
+    _allow_many_connections()
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        # On SIGTERM: stop accepting, let the answers being streamed finish for this long,
+        # then stop them; the lifespan stores them before the store closes.
+        timeout_graceful_shutdown=settings.drain_seconds,
     )
+
+
+def _allow_many_connections() -> None:
+    """Every open stream is a socket: raise the open-files limit to what the system allows
+    (often 1,024 by default, far below the streams one process can hold)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @app.command()

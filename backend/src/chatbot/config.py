@@ -11,6 +11,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, ByteSize, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -30,6 +31,9 @@ class EngineKind(StrEnum):
 
     EMBEDDED = "embedded"  # llama.cpp in this process, on the CPU
     OPENAI = "openai"  # any OpenAI-compatible server: vLLM with LMCache in production
+    # A timing model of a vLLM + LMCache GPU replica, for load tests of the API tier and
+    # capacity planning only: never a default, never the source of a cache or TTFT claim.
+    SIMULATED = "simulated"
 
 
 def _default_cache_dir() -> Path:
@@ -43,6 +47,22 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _origin(value: str) -> str:
+    """A browser origin, 'scheme://host[:port]', lower-cased as browsers send it."""
+    parsed = urlsplit(value)
+    if (
+        parsed.scheme not in ("http", "https")
+        or not parsed.hostname
+        or parsed.username is not None
+        or value.rstrip("/") != f"{parsed.scheme}://{parsed.netloc}"
+    ):
+        raise ValueError(
+            f"CHATBOT_CORS_ORIGINS: {value!r} is not an origin like 'https://chat.example.com' "
+            "(scheme and host, an optional port, no path)"
+        )
+    return f"{parsed.scheme}://{parsed.netloc}".lower()
 
 
 class Settings(BaseSettings):
@@ -62,6 +82,12 @@ class Settings(BaseSettings):
         repr=False,
         description="Bearer keys mapped to user names: 'key1=alice,key2=bob'. "
         "Empty: one local user, loopback only.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the API from another site, exact "
+        "('https://chat.example.com,http://localhost:3000'). Empty: no CORS headers at all. "
+        "'*' only in the keyless local mode.",
     )
 
     # --- engine
@@ -118,6 +144,44 @@ class Settings(BaseSettings):
         le=10,
         description="Retries of a request the server did not take (unreachable, 502-504), "
         "never of one whose answer has started.",
+    )
+
+    # --- the simulated engine: load tests and capacity planning only (engines/simulated.py,
+    # whose GpuModel holds the figures behind these defaults)
+    simulated_decode_tokens_per_s: float = Field(
+        default=40.0,
+        gt=0,
+        le=10_000,
+        description="Tokens a second each stream is answered at (a loaded H100 replica).",
+    )
+    simulated_prefill_us_per_token: float = Field(
+        default=31.22,
+        ge=0,
+        description="Prefill cost of an uncached prompt token, attention aside (H100, 8B).",
+    )
+    simulated_load_us_per_token: float = Field(
+        default=2.43,
+        ge=0,
+        description="Copying one cached token's KV from CPU RAM to the GPU (128 KiB at 54 GB/s).",
+    )
+    simulated_max_sequences: int = Field(
+        default=256,
+        ge=1,
+        description="Sequences generated at once (vLLM's --max-num-seqs); more wait in the "
+        "queue. A load test of the API tier sets it above its users.",
+    )
+    simulated_answer_tokens: int = Field(
+        default=200, ge=1, description="Tokens of every answer, unless max_tokens cuts it."
+    )
+    simulated_gpu_cache_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tokens of KV the GPU prefix cache holds; default: one H100's (~412k).",
+    )
+    simulated_cpu_cache_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tokens of KV LMCache holds in CPU RAM; default: 64 GiB's (512k).",
     )
 
     # --- the embedded engine's KV-state cache (used when prefix_cache is on)
@@ -186,11 +250,38 @@ class Settings(BaseSettings):
         description="The Langfuse server; unset: Langfuse Cloud.",
     )
 
+    # --- storage
+    store_url: str = Field(
+        default="memory://",
+        description="Where conversations live: 'memory://' (this process), "
+        "'sqlite:///path/chatbot.db' (durable, one host) or "
+        "'postgresql://user:password@host/db' (durable, shared by replicas).",
+        repr=False,
+    )
+    store_pool_size: int = Field(
+        default=20, ge=1, description="PostgreSQL connections per API process."
+    )
+
     # --- limits
     queue_size: int = Field(default=32, ge=0, description="Requests waiting for the engine.")
     max_streams_per_user: int = Field(default=4, ge=1)
+    max_streams: int = Field(
+        default=10_000, ge=1, description="Answers generated at once, all users together."
+    )
+    requests_per_minute: int = Field(
+        default=120, ge=1, description="Requests per user per minute, in bursts of as many."
+    )
     max_message_chars: int = Field(default=32_000, ge=1)
+    max_conversation_messages: int = Field(
+        default=1000, ge=2, description="Messages a conversation may hold, answers included."
+    )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    drain_seconds: int = Field(
+        default=30,
+        ge=0,
+        description="On SIGTERM, how long answers being streamed may take to finish "
+        "before they are stopped (and stored as far as they got).",
+    )
 
     log_level: str = "info"
 
@@ -212,8 +303,29 @@ class Settings(BaseSettings):
             keys[key] = user
         return keys
 
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_cors_origins(cls, value: object) -> object:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value
+        origins: list[str] = []
+        for item in (str(part).strip() for part in items):
+            if not item:
+                continue
+            origin = item if item == "*" else _origin(item)
+            if origin not in origins:
+                origins.append(origin)
+        return origins
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
+        if "*" in self.cors_origins and self.api_keys:
+            raise ValueError(
+                "CHATBOT_CORS_ORIGINS='*' is refused when CHATBOT_API_KEYS is set: scripts of "
+                "any web site could then call the API and read its answers; list the exact "
+                "origins instead"
+            )
         if not self.api_keys and not _is_loopback(self.host):
             raise ValueError(
                 f"refusing to listen on {self.host} without CHATBOT_API_KEYS: "
@@ -229,6 +341,14 @@ class Settings(BaseSettings):
             raise ValueError("CHATBOT_ENGINE=openai needs CHATBOT_OPENAI_BASE_URL")
         if self.openai_base_url and not self.openai_base_url.startswith(("http://", "https://")):
             raise ValueError("CHATBOT_OPENAI_BASE_URL must start with http:// or https://")
+        scheme, _, rest = self.store_url.partition("://")
+        if scheme not in ("memory", "sqlite", "postgresql", "postgres") or (
+            scheme == "sqlite" and not rest.removeprefix("/")
+        ):
+            raise ValueError(
+                "CHATBOT_STORE_URL must be memory://, sqlite:///path/chatbot.db or "
+                "postgresql://user:password@host/db"
+            )
         if self.model_path is not None and not self.model_path.is_file():
             raise ValueError(f"CHATBOT_MODEL_PATH {self.model_path} is not a file")
         return self

@@ -4,8 +4,8 @@ import pytest
 
 from chatbot.agents.layout import kept_messages
 from chatbot.models.domain import Message, MessageStatus
-from chatbot.models.errors import RateLimited
-from chatbot.services.limits import StreamLimiter
+from chatbot.models.errors import RateLimited, ServiceUnavailable
+from chatbot.services.limits import RequestRateLimiter, StreamLimiter
 
 
 def message(role: str, content: str, status: MessageStatus = MessageStatus.COMPLETE) -> Message:
@@ -29,7 +29,7 @@ def test_history_leaves_out_failed_and_empty_answers_with_their_questions() -> N
 
 
 def test_stream_limiter_counts_per_user_and_releases_once() -> None:
-    limiter = StreamLimiter(per_user=2)
+    limiter = StreamLimiter(per_user=2, total=100)
     first, _ = limiter.acquire("alice"), limiter.acquire("alice")
     with pytest.raises(RateLimited) as refused:
         limiter.acquire("alice")
@@ -40,3 +40,36 @@ def test_stream_limiter_counts_per_user_and_releases_once() -> None:
     limiter.acquire("alice")
     with pytest.raises(RateLimited):
         limiter.acquire("alice")
+
+
+def test_stream_limiter_refuses_past_the_total_with_503() -> None:
+    limiter = StreamLimiter(per_user=2, total=3)
+    limiter.acquire("alice")
+    limiter.acquire("bob")
+    release = limiter.acquire("carol")
+    with pytest.raises(ServiceUnavailable) as refused:
+        limiter.acquire("dave")
+    assert (refused.value.code, refused.value.retry_after) == ("server_busy", 1)
+    release()
+    limiter.acquire("dave")
+
+
+def test_request_rate_limiter_refills_over_the_minute() -> None:
+    now = [0.0]
+    limiter = RequestRateLimiter(per_minute=3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.check("alice")
+    with pytest.raises(RateLimited) as refused:
+        limiter.check("alice")
+    assert refused.value.code == "too_many_requests"
+    assert refused.value.retry_after == 20  # one request comes back every 20 s
+    limiter.check("bob")  # others keep their own budget
+    now[0] = 20.0
+    limiter.check("alice")
+    with pytest.raises(RateLimited):
+        limiter.check("alice")
+    now[0] = 10_000.0
+    for _ in range(3):  # a long pause refills the bucket, but only to its size
+        limiter.check("alice")
+    with pytest.raises(RateLimited):
+        limiter.check("alice")

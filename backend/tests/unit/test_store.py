@@ -1,28 +1,45 @@
-"""Conformance suite of the conversation store, run against every implementation."""
+"""Conformance suite of the conversation store, run against every implementation: in
+memory, SQLite, and PostgreSQL (a server of the test session's own)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from chatbot.models.domain import Conversation, utcnow
-from chatbot.models.errors import NotFound
-from chatbot.services.store import ConversationStore, InMemoryStore
+from chatbot.models.errors import Conflict, NotFound
+from chatbot.services.storage import open_storage
+from chatbot.services.store import ConversationStore
+from tests.postgres import fresh_database
 
-STORES: list[Callable[[], ConversationStore]] = [InMemoryStore]
-
-
-@pytest.fixture(params=STORES, ids=lambda factory: factory.__name__)
-def store(request: pytest.FixtureRequest) -> ConversationStore:
-    factory: Callable[[], ConversationStore] = request.param
-    return factory()
+Scenario = Callable[[ConversationStore], Awaitable[None]]
 
 
-def run(coro: object) -> object:
-    return asyncio.run(coro)  # type: ignore[arg-type]
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chatbot.db'}"
+    return fresh_database(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def on_store(store_url: str) -> Callable[[Scenario], None]:
+    """Runs a scenario against a freshly opened store."""
+
+    def run(scenario: Scenario) -> None:
+        async def opened() -> None:
+            async with open_storage(store_url) as storage:
+                await scenario(storage.index)
+
+        asyncio.run(opened())
+
+    return run
 
 
 async def make(store: ConversationStore, user: str, n: int) -> list[Conversation]:
@@ -37,8 +54,8 @@ async def make(store: ConversationStore, user: str, n: int) -> list[Conversation
     return made
 
 
-def test_newest_first_with_pages(store: ConversationStore) -> None:
-    async def scenario() -> None:
+def test_newest_first_with_pages(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: ConversationStore) -> None:
         made = await make(store, "alice", 5)
         page, more = await store.recent("alice", limit=2, after=None)
         assert [c.id for c in page] == [made[4].id, made[3].id]
@@ -47,11 +64,11 @@ def test_newest_first_with_pages(store: ConversationStore) -> None:
         assert [c.id for c in page] == [made[2].id, made[1].id, made[0].id]
         assert not more
 
-    run(scenario())
+    on_store(scenario)
 
 
-def test_another_users_conversation_does_not_exist(store: ConversationStore) -> None:
-    async def scenario() -> None:
+def test_another_users_conversation_does_not_exist(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: ConversationStore) -> None:
         (mine,) = await make(store, "alice", 1)
         assert await store.recent("bob", limit=10, after=None) == ([], False)
         for attempt in (
@@ -65,21 +82,21 @@ def test_another_users_conversation_does_not_exist(store: ConversationStore) -> 
                 await attempt
         assert await store.get("alice", mine.id) == mine
 
-    run(scenario())
+    on_store(scenario)
 
 
-def test_touch_records_activity(store: ConversationStore) -> None:
-    async def scenario() -> None:
+def test_touch_records_activity(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: ConversationStore) -> None:
         (conversation,) = await make(store, "alice", 1)
         later = conversation.updated_at + timedelta(minutes=5)
         await store.touch("alice", conversation.id, later)
         assert (await store.get("alice", conversation.id)).updated_at == later
 
-    run(scenario())
+    on_store(scenario)
 
 
-def test_rename_and_delete(store: ConversationStore) -> None:
-    async def scenario() -> None:
+def test_rename_and_delete(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: ConversationStore) -> None:
         (conversation,) = await make(store, "alice", 1)
         renamed = await store.rename("alice", conversation.id, "New title")
         assert renamed.title == "New title"
@@ -88,4 +105,39 @@ def test_rename_and_delete(store: ConversationStore) -> None:
         with pytest.raises(NotFound):
             await store.get("alice", conversation.id)
 
-    run(scenario())
+    on_store(scenario)
+
+
+def test_one_turn_at_a_time(on_store: Callable[[Scenario], None]) -> None:
+    async def scenario(store: ConversationStore) -> None:
+        (conversation,) = await make(store, "alice", 1)
+        assert (await store.claim_turn("alice", conversation.id)).id == conversation.id
+        with pytest.raises(Conflict):
+            await store.claim_turn("alice", conversation.id)
+        with pytest.raises(NotFound):
+            await store.claim_turn("bob", conversation.id)
+        await store.release_turn(conversation.id)
+        await store.claim_turn("alice", conversation.id)
+
+    on_store(scenario)
+
+
+def test_a_claim_of_a_process_that_is_gone_is_taken_over(store_url: str) -> None:
+    """Two processes' stores on one database: the second cannot take a turn the first
+    holds while the first is alive, and can once it has gone without releasing it."""
+    if store_url == "memory://":
+        pytest.skip("an in-memory store is never shared")
+
+    async def scenario() -> None:
+        async with open_storage(store_url) as second:
+            async with open_storage(store_url) as first:
+                (conversation,) = await make(first.index, "alice", 1)
+                await first.index.claim_turn("alice", conversation.id)
+                with pytest.raises(Conflict):
+                    await second.index.claim_turn("alice", conversation.id)
+            # The first closed with its claim still recorded, as a killed process does.
+            await second.index.claim_turn("alice", conversation.id)
+            with pytest.raises(Conflict):
+                await second.index.claim_turn("alice", conversation.id)
+
+    asyncio.run(scenario())

@@ -157,14 +157,49 @@ class Agents:
         self, thread_id: str, question: Message, context: TurnContext, config: RunnableConfig
     ) -> AsyncIterator[GraphEvent]:
         config = {**config, "configurable": {"thread_id": thread_id}}
+        # "sync": each step's checkpoint is stored before the next step starts, so the
+        # question is durable before its answer begins to stream.
         async for event in self.graph.astream(
-            {"pending": question}, config, context=context, stream_mode="custom"
+            {"pending": question},
+            config,
+            context=context,
+            stream_mode="custom",
+            durability="sync",
         ):
             yield cast(GraphEvent, event)
 
     async def state(self, thread_id: str) -> ConversationState:
         snapshot = await self.graph.aget_state({"configurable": {"thread_id": thread_id}})
         return cast(ConversationState, snapshot.values)
+
+    async def record_interrupted(self, thread_id: str) -> Message | None:
+        """A question left pending by a turn whose process died: store it with a failed,
+        retryable answer. Call only while holding the conversation's turn claim."""
+        state = await self.state(thread_id)
+        question = state.get("pending")
+        if question is None:
+            return None
+        route = state.get("route")
+        agent = route.agent if route is not None else AgentName.ASSISTANT
+        answer = Message(
+            conversation_id=question.conversation_id,
+            role="assistant",
+            content="",
+            status=MessageStatus.FAILED,
+            agent=agent,
+            error="interrupted",
+        )
+        await self.graph.aupdate_state(
+            {"configurable": {"thread_id": thread_id}},
+            {"messages": [question, answer], "pending": None, "compacted": False},
+            as_node=agent.value,
+        )
+        logger.info("a turn interrupted by a stopped server was recorded as failed")
+        return answer
+
+    async def prune(self, thread_id: str) -> None:
+        """Drop every checkpoint of the conversation but its latest (its state)."""
+        await self.checkpointer.aprune([thread_id], strategy="keep_latest")
 
     async def forget(self, thread_id: str) -> None:
         await self.checkpointer.adelete_thread(thread_id)
@@ -313,6 +348,7 @@ class Agents:
             agent=agent,
             route_reason=route.reason,
             source=cited,
+            error=error.code if error is not None else None,
         )
         write(Answered(message=answer, error=error))
         update: dict[str, Any] = {

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
-from langgraph.checkpoint.memory import InMemorySaver
+from fastapi.middleware.cors import CORSMiddleware
 
 from chatbot import __version__
 from chatbot.agents.documents import load_documents
 from chatbot.agents.graph import Agents
-from chatbot.agents.state import checkpoint_serializer
 from chatbot.api.deps import Services
 from chatbot.api.errors import install_error_handlers
-from chatbot.api.middleware import RequestContextMiddleware
+from chatbot.api.middleware import RequestContextMiddleware, SecurityHeadersMiddleware
 from chatbot.api.routes import cache, conversations, health, openai_compat
 from chatbot.config import Settings
 from chatbot.engines.base import Engine
@@ -23,8 +22,8 @@ from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
-from chatbot.services.limits import StreamLimiter
-from chatbot.services.store import InMemoryStore
+from chatbot.services.limits import RequestRateLimiter, StreamLimiter
+from chatbot.services.storage import open_storage
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
@@ -35,38 +34,38 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         documents = load_documents(settings.docs_dir, max_chars=settings.docs_max_chars)
         running = engine if engine is not None else create_engine(settings)
-        await running.start()
-        tracer = Tracer(settings)
-        try:
+        async with AsyncExitStack() as stack:
+            await running.start()
+            stack.push_async_callback(running.aclose)
+            tracer = Tracer(settings)
+            stack.callback(tracer.shutdown)
+            storage = await stack.enter_async_context(
+                open_storage(settings.store_url, pool_size=settings.store_pool_size)
+            )
             metrics.watch_queue(lambda: running.queue_depth)
             metrics.watch_kv_cache(running.cache_stats)
             generations = GenerationService(
-                running, settings, metrics, StreamLimiter(settings.max_streams_per_user)
+                running,
+                settings,
+                metrics,
+                StreamLimiter(settings.max_streams_per_user, settings.max_streams),
             )
+            agents = Agents(settings, documents, storage.checkpointer, metrics, running)
+            conversations = ConversationService(
+                storage.index, generations, agents, tracer, settings
+            )
+            # Turns cut short at shutdown are stored before the store closes.
+            stack.push_async_callback(conversations.aclose)
             app.state.services = Services(
                 settings=settings,
                 metrics=metrics,
                 engine=running,
                 generations=generations,
-                conversations=ConversationService(
-                    InMemoryStore(),
-                    generations,
-                    Agents(
-                        settings,
-                        documents,
-                        InMemorySaver(serde=checkpoint_serializer()),
-                        metrics,
-                        running,
-                    ),
-                    tracer,
-                    settings,
-                ),
+                conversations=conversations,
                 tracer=tracer,
+                rate_limiter=RequestRateLimiter(settings.requests_per_minute),
             )
             yield
-        finally:
-            tracer.shutdown()
-            await running.aclose()
 
     app = FastAPI(
         title="lmcache-chatbot",
@@ -76,9 +75,21 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    # Outermost last: security headers on every response, CORS headers on every response
+    # (a 413 included, so that a browser can read it), then ids, the body limit and metrics.
     app.add_middleware(
         RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics
     )
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    docs = (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+    app.add_middleware(SecurityHeadersMiddleware, csp_exempt=[path for path in docs if path])
     app.include_router(conversations.router)
     app.include_router(openai_compat.router)
     app.include_router(cache.router)

@@ -16,6 +16,7 @@ from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
+from chatbot.services.limits import RequestRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +29,7 @@ class Services:
     generations: GenerationService
     conversations: ConversationService
     tracer: Tracer
+    rate_limiter: RequestRateLimiter
 
 
 def get_services(request: Request) -> Services:
@@ -44,6 +46,7 @@ def get_current_user(
 ) -> str:
     keys = services.settings.api_keys
     if not keys:
+        services.rate_limiter.check(LOCAL_USER)
         return LOCAL_USER
     if credentials is None:
         raise AuthenticationFailed(
@@ -57,6 +60,7 @@ def get_current_user(
             user = name
     if user is None:
         raise AuthenticationFailed("the API key is not valid")
+    services.rate_limiter.check(user)
     return user
 
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from chatbot.models.errors import ChatbotError
 from chatbot.models.schemas import ErrorDetail, ErrorResponse
@@ -60,11 +61,27 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid_request_error", message, "validation_error")
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     phrase = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
     type_ = _HTTP_TYPES.get(exc.status_code, "invalid_request_error")
-    return error_response(exc.status_code, type_, str(exc.detail), phrase)
+    response = error_response(exc.status_code, type_, str(exc.detail), phrase)
+    response.headers.update(exc.headers or {})
+    if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+        # RFC 9110: every method of the resource. Starlette names only those of the first
+        # route on the path, and each method of a path is a route of its own here.
+        response.headers["Allow"] = _allowed_methods(request)
+    return response
+
+
+def _allowed_methods(request: Request) -> str:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods:
+            match, _ = route.matches(request.scope)
+            if match is not Match.NONE:
+                methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:

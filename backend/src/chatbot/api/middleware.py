@@ -1,9 +1,13 @@
-"""Pure ASGI middleware (streaming-safe): request ids, body size limit, request metrics."""
+"""Pure ASGI middleware (streaming-safe): request ids, body size limit, request metrics and
+the access log, security headers."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+import time
+from collections.abc import Collection, Mapping
 from uuid import uuid4
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -12,6 +16,18 @@ from chatbot.observability.logging import request_id
 from chatbot.observability.metrics import Metrics
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+access_logger = logging.getLogger("chatbot.access")
+
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+"""The API's policy: its JSON and event streams load nothing and are framed by nothing."""
+
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+"""A web page served by this app: its own scripts, styles and images, and calls to this API
+only. Give it with ``ResponseHeaders`` around a static mount, or as a route's header."""
 
 
 class RequestContextMiddleware:
@@ -32,6 +48,7 @@ class RequestContextMiddleware:
         rid = offered if _VALID_REQUEST_ID.match(offered) else uuid4().hex
         token = request_id.set(rid)
         status = 500
+        started = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -51,6 +68,15 @@ class RequestContextMiddleware:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
             self._metrics.requests.labels(path, str(status)).inc()
+            # The path and status only: never the query, a header or the body, which carry
+            # keys and what users wrote.
+            access_logger.info(
+                "%s %s %d %.0f ms",
+                scope.get("method", "-"),
+                scope.get("path", "-"),
+                status,
+                (time.perf_counter() - started) * 1000,
+            )
             request_id.reset(token)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> Receive | None:
@@ -103,3 +129,67 @@ class RequestContextMiddleware:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class SecurityHeadersMiddleware:
+    """Adds the security headers every response should carry, except where the response set
+    the header itself: a page, or a static mount wrapped in ``ResponseHeaders``, brings its
+    own ``Content-Security-Policy`` (``PAGE_CSP``) and caching, and keeps them.
+
+    ``csp_exempt`` are paths that get no default policy: FastAPI's interactive docs, which
+    load their scripts from a CDN and run an inline one.
+    """
+
+    def __init__(self, app: ASGIApp, *, csp_exempt: Collection[str] = ()) -> None:
+        self._app = app
+        self._csp_exempt = frozenset(csp_exempt)
+        base: list[tuple[bytes, bytes]] = [
+            (b"x-content-type-options", b"nosniff"),
+            (b"x-frame-options", b"DENY"),
+            (b"referrer-policy", b"no-referrer"),
+            (b"cache-control", b"no-store"),
+        ]
+        self._defaults = [*base, (b"content-security-policy", API_CSP.encode())]
+        self._exempt_defaults = base
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        exempt = scope.get("path") in self._csp_exempt
+        defaults = self._exempt_defaults if exempt else self._defaults
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in defaults if name not in present]
+                message["headers"] = headers
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
+
+
+class ResponseHeaders:
+    """Sets ``headers`` on every response of the wrapped app (a static mount, a sub-app),
+    replacing what it set; ``SecurityHeadersMiddleware`` then leaves them alone."""
+
+    def __init__(self, app: ASGIApp, headers: Mapping[str, str]) -> None:
+        self._app = app
+        self._headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        names = {name for name, _ in self._headers}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message["headers"] = [*kept, *self._headers]
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)

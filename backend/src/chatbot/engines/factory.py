@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import assert_never
 
@@ -10,6 +11,7 @@ from chatbot.engines.base import Engine
 from chatbot.engines.embedded import EmbeddedEngine, state_namespace
 from chatbot.engines.model_files import resolve_model_path
 from chatbot.engines.openai import OpenAIEngine
+from chatbot.engines.simulated import GpuModel, SimulatedEngine
 from chatbot.kvcache import KVCache
 
 
@@ -41,6 +43,8 @@ def create_engine(settings: Settings) -> Engine:
                 read_timeout=settings.openai_read_timeout,
                 retries=settings.openai_retries,
             )
+        case EngineKind.SIMULATED:
+            return _simulated(settings)
     # Settings refuse an unknown engine name, listing the valid ones (EngineKind).
     assert_never(settings.engine)
 
@@ -52,4 +56,23 @@ def _kv_cache(settings: Settings, model_path: Path) -> KVCache:
         ram_bytes=settings.kv_ram_bytes,
         disk_bytes=settings.kv_disk_bytes,
         disk_dir=settings.kv_folder,
+    )
+
+
+def _simulated(settings: Settings) -> SimulatedEngine:
+    gpu = replace(
+        GpuModel(),
+        decode_tokens_per_s=settings.simulated_decode_tokens_per_s,
+        prefill_s_per_token=settings.simulated_prefill_us_per_token / 1e6,
+        load_s_per_token=settings.simulated_load_us_per_token / 1e6,
+        max_sequences=settings.simulated_max_sequences,
+    )
+    return SimulatedEngine(
+        model_id=settings.model_id or "simulated-8b",
+        context_tokens=settings.context_tokens,
+        queue_size=settings.queue_size,
+        answer_tokens=settings.simulated_answer_tokens,
+        gpu=gpu,
+        gpu_cache_tokens=settings.simulated_gpu_cache_tokens,
+        cpu_cache_tokens=settings.simulated_cpu_cache_tokens,
     )

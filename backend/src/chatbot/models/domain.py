@@ -64,7 +64,7 @@ AUTO: Literal["auto"] = "auto"
 class MessageStatus(StrEnum):
     COMPLETE = "complete"
     CANCELLED = "cancelled"  # the client went away or stopped it; the partial answer is kept
-    FAILED = "failed"  # the engine failed; left out of later prompts
+    FAILED = "failed"  # the engine failed or the server stopped; left out of later prompts
 
 
 class Conversation(BaseModel):
@@ -91,3 +91,7 @@ class Message(BaseModel):
     """Why the router chose that agent."""
     source: str | None = None
     """The document the knowledge agent named in a line below the answer."""
+    error: str | None = None
+    """Why a failed answer failed: an error code (``interrupted``: the server stopped in the
+    middle of it). Sending the question again is a clean retry, as a failed answer and its
+    question are left out of later prompts."""

@@ -5,12 +5,27 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from chatbot.models.cache import CacheStats, LookupStats
 from chatbot.models.domain import AUTO, AgentName, MessageStatus, Role, Timing, Usage
 
 Title = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def _json_integer(value: object) -> object:
+    """What JSON Schema calls an integer (``8``, ``8.0``), not what pydantic's lax mode
+    would also turn into one (``true``, ``"8"``)."""
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# Request fields take JSON's own types only, as the contract states them: numbers, not
+# booleans or strings coerced into numbers, and booleans, not "true" or 1.
+Integer = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class ErrorDetail(BaseModel):
@@ -59,9 +74,9 @@ class MessageCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     content: str = Field(min_length=1)
-    stream: bool = True
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    stream: bool = Field(default=True, strict=True)
+    max_tokens: Integer | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
 
     @field_validator("content")
     @classmethod
@@ -85,6 +100,12 @@ class MessageOut(BaseModel):
         default=None,
         description="The document named in the `Source:` line the knowledge agent added "
         "below the answer (null when the model named it itself, or for other agents).",
+    )
+    error: str | None = Field(
+        default=None,
+        description="Why a failed answer failed (`interrupted`: the server stopped in the "
+        "middle of it). Send the question again to retry: a failed answer and its question "
+        "are left out of later prompts.",
     )
 
 
@@ -111,7 +132,7 @@ class OpenAIMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class ChatCompletionRequest(BaseModel):
@@ -121,15 +142,15 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[OpenAIMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: Integer | None = Field(default=None, ge=1)
+    max_completion_tokens: Integer | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
-    seed: int | None = None
+    n: Integer = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
+    seed: Integer | None = None
     user: str | None = None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,7 +84,7 @@ class Turn:
         context: TurnContext,
         tracer: Tracer,
         user_id: str,
-        on_done: Callable[[], None],
+        on_done: Callable[[], Awaitable[None]],
     ) -> None:
         self.conversation_id = conversation_id
         self._context = context
@@ -96,7 +96,9 @@ class Turn:
         )
         self._started: Admitted | None = None
 
-    async def _run(self, graph: AsyncIterator[GraphEvent], on_done: Callable[[], None]) -> None:
+    async def _run(
+        self, graph: AsyncIterator[GraphEvent], on_done: Callable[[], Awaitable[None]]
+    ) -> None:
         try:
             async for event in graph:
                 self._events.put_nowait(event)
@@ -105,7 +107,7 @@ class Turn:
             self._events.put_nowait(_GraphFailed(exc))
         finally:
             self._events.put_nowait(_DONE)
-            on_done()
+            await on_done()
 
     async def admission(self) -> None:
         """Wait until the engine took the answer; raise what refused it."""
@@ -175,7 +177,7 @@ class ConversationService:
         self._agents = agents
         self._tracer = tracer
         self._settings = settings
-        self._running: set[str] = set()
+        self._turns: set[Turn] = set()
 
     async def create(
         self, user_id: str, *, title: str, agent: AgentName | Literal["auto"] = AUTO
@@ -196,15 +198,34 @@ class ConversationService:
         return await self._store.rename(user_id, conversation_id, title)
 
     async def delete(self, user_id: str, conversation_id: str) -> None:
-        self._refuse_if_running(conversation_id)
-        await self._store.delete(user_id, conversation_id)
-        await self._agents.forget(conversation_id)
+        conversation = await self._store.claim_turn(user_id, conversation_id)
+        try:
+            # State first: a failure in between leaves an empty conversation to delete
+            # again, never state that nothing lists.
+            await self._agents.forget(conversation.id)
+            await self._store.delete(user_id, conversation.id)
+        finally:
+            await self._store.release_turn(conversation.id)
 
     async def messages(self, user_id: str, conversation_id: str) -> list[Message]:
         conversation = await self._store.get(user_id, conversation_id)
         state = await self._agents.state(conversation.id)
+        if state.get("pending") is not None and await self._settle(user_id, conversation.id):
+            state = await self._agents.state(conversation.id)
         pending = state.get("pending")
         return [*state.get("messages", []), *([pending] if pending else [])]
+
+    async def _settle(self, user_id: str, conversation_id: str) -> bool:
+        """Record a turn left pending by a process that died; False while it is running."""
+        try:
+            await self._store.claim_turn(user_id, conversation_id)
+        except Conflict:
+            return False
+        try:
+            await self._agents.record_interrupted(conversation_id)
+        finally:
+            await self._store.release_turn(conversation_id)
+        return True
 
     async def start_turn(
         self,
@@ -216,16 +237,25 @@ class ConversationService:
         temperature: float | None = None,
     ) -> Turn:
         """Admit the user's message; raises before the question is stored if it cannot be
-        answered now (too large, conversation busy, limits, engine full)."""
+        answered now (too large, conversation busy or full, limits, engine full)."""
         if len(content) > self._settings.max_message_chars:
             raise PayloadTooLarge(
                 f"the message has {len(content)} characters; the limit is "
                 f"{self._settings.max_message_chars}",
                 code="message_too_large",
             )
-        conversation = await self._store.get(user_id, conversation_id)
-        self._refuse_if_running(conversation.id)
         sampling = self._generations.sampling(max_tokens=max_tokens, temperature=temperature)
+        conversation = await self._store.claim_turn(user_id, conversation_id)
+        try:
+            state = await self._agents.state(conversation.id)
+            stored = len(state.get("messages", []))
+            if state.get("pending") is not None:
+                await self._agents.record_interrupted(conversation.id)
+                stored += 2
+            self._refuse_if_full(stored)
+        except BaseException:
+            await self._store.release_turn(conversation.id)
+            raise
         question = Message(conversation_id=conversation.id, role="user", content=content)
         context = TurnContext(
             user_id=user_id,
@@ -233,19 +263,29 @@ class ConversationService:
             sampling=sampling,
             admit=self._admitter(user_id, conversation.id),
         )
-        self._running.add(conversation.id)
-        turn = Turn(
-            self._agents,
-            conversation.id,
-            question,
-            context,
-            self._tracer,
-            user_id,
-            on_done=lambda: self._running.discard(conversation.id),
-        )
+
+        async def done() -> None:
+            self._turns.discard(turn)
+            await self._store.release_turn(conversation.id)
+            try:
+                await self._agents.prune(conversation.id)
+            except Exception:
+                logger.exception("pruning a conversation's checkpoints failed")
+
+        turn = Turn(self._agents, conversation.id, question, context, self._tracer, user_id, done)
+        self._turns.add(turn)
         await turn.admission()
         await self._store.touch(user_id, conversation.id, question.created_at)
         return turn
+
+    def _refuse_if_full(self, stored_messages: int) -> None:
+        limit = self._settings.max_conversation_messages
+        if stored_messages + 2 > limit:
+            raise PayloadTooLarge(
+                f"the conversation has reached its limit of {limit} messages; "
+                "start a new conversation",
+                code="conversation_too_long",
+            )
 
     def _admitter(self, user_id: str, conversation_id: str) -> Admit:
         async def admit(prompt: layout.Prompt, agent: str, sampling: SamplingParams) -> Generation:
@@ -260,9 +300,6 @@ class ConversationService:
 
         return admit
 
-    def _refuse_if_running(self, conversation_id: str) -> None:
-        if conversation_id in self._running:
-            raise Conflict(
-                "an answer is still being generated in this conversation",
-                code="turn_in_progress",
-            )
+    async def aclose(self) -> None:
+        """Stop the turns still running and wait until their answers are stored."""
+        await asyncio.gather(*(turn.aclose() for turn in list(self._turns)))

@@ -1,37 +1,89 @@
-"""Per-user limits on concurrent generations."""
+"""Admission limits: requests per user per minute, and answers generated at once (per user
+and in all). Each refusal says when to come back (``Retry-After``).
+
+Both count in this process: behind N replicas a user gets up to N times the per-minute
+rate, which is why the load balancer's own limits (or session affinity) sit in front.
+"""
 
 from __future__ import annotations
 
+import math
+import time
 from collections import Counter
 from collections.abc import Callable
 
-from chatbot.models.errors import RateLimited
+from chatbot.models.errors import RateLimited, ServiceUnavailable
 
 
 class StreamLimiter:
-    """At most ``per_user`` generations at once for each user; past it, 429."""
+    """At most ``per_user`` generations at once for each user (past it, 429) and ``total``
+    for everyone (past it, 503: the server, not the user, is at its limit)."""
 
-    def __init__(self, per_user: int) -> None:
+    def __init__(self, per_user: int, total: int) -> None:
         self._per_user = per_user
+        self._total = total
         self._active: Counter[str] = Counter()
+        self._count = 0
 
     def acquire(self, user_id: str) -> Callable[[], None]:
-        """Take a slot or raise RateLimited; returns the (idempotent) release."""
+        """Take a slot or raise; returns the (idempotent) release."""
         if self._active[user_id] >= self._per_user:
             raise RateLimited(
                 f"at most {self._per_user} answers can be generated at once per user",
                 code="too_many_streams",
                 retry_after=1,
             )
+        if self._count >= self._total:
+            raise ServiceUnavailable(
+                f"the server is generating its maximum of {self._total} answers at once",
+                code="server_busy",
+                retry_after=1,
+            )
         self._active[user_id] += 1
+        self._count += 1
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
+                self._count -= 1
                 self._active[user_id] -= 1
                 if not self._active[user_id]:
                     del self._active[user_id]
 
         return release
+
+
+class RequestRateLimiter:
+    """A token bucket per user: ``per_minute`` requests a minute, in bursts of up to as
+    many. Idle users' buckets are dropped, so memory follows the active users."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._capacity = float(per_minute)
+        self._rate = per_minute / 60.0
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._next_sweep = clock() + 60.0
+
+    def check(self, user_id: str) -> None:
+        """Spend one request or raise RateLimited with the seconds until the next."""
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        tokens, then = self._buckets.get(user_id, (self._capacity, now))
+        tokens = min(self._capacity, tokens + (now - then) * self._rate)
+        if tokens < 1.0:
+            self._buckets[user_id] = (tokens, now)
+            wait = math.ceil((1.0 - tokens) / self._rate)
+            raise RateLimited(
+                f"at most {int(self._capacity)} requests a minute per user; try again in {wait} s",
+                code="too_many_requests",
+                retry_after=wait,
+            )
+        self._buckets[user_id] = (tokens - 1.0, now)
+
+    def _sweep(self, now: float) -> None:
+        full = self._capacity / self._rate  # seconds after which any bucket is full again
+        self._buckets = {u: b for u, b in self._buckets.items() if now - b[1] < full}
+        self._next_sweep = now + 60.0

@@ -5,6 +5,10 @@ messages are the agents' graph state, kept by its checkpointer, and nowhere else
 
 Every read and write takes the owner's user id, so that no code path can reach another
 user's conversation: to a caller, someone else's conversation does not exist.
+
+The index is also where a turn is claimed: one turn at a time per conversation, across every
+API replica sharing the store. A claim names the process that holds it, so that a replica
+that died in the middle of a turn is seen to be gone and its claim taken over.
 """
 
 from __future__ import annotations
@@ -14,7 +18,13 @@ from abc import ABC, abstractmethod
 from datetime import datetime
 
 from chatbot.models.domain import Conversation, utcnow
-from chatbot.models.errors import NotFound
+from chatbot.models.errors import Conflict, NotFound
+
+
+def turn_in_progress() -> Conflict:
+    return Conflict(
+        "an answer is still being generated in this conversation", code="turn_in_progress"
+    )
 
 
 class ConversationStore(ABC):
@@ -42,10 +52,24 @@ class ConversationStore(ABC):
     async def touch(self, user_id: str, conversation_id: str, when: datetime) -> None:
         """Record activity (a new message) at ``when``."""
 
+    @abstractmethod
+    async def claim_turn(self, user_id: str, conversation_id: str) -> Conversation:
+        """Hold the conversation for one turn. Raises NotFound, or Conflict while a turn
+        holds it on a process that is alive (this one or another replica)."""
+
+    @abstractmethod
+    async def release_turn(self, conversation_id: str) -> None:
+        """Give back this process's claim (no-op if it holds none)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close connections."""
+
 
 class InMemoryStore(ConversationStore):
     def __init__(self) -> None:
         self._conversations: dict[str, Conversation] = {}
+        self._turns: set[str] = set()
         self._lock = asyncio.Lock()
 
     def _owned(self, user_id: str, conversation_id: str) -> Conversation:
@@ -93,3 +117,16 @@ class InMemoryStore(ConversationStore):
             self._conversations[conversation_id] = conversation.model_copy(
                 update={"updated_at": when}
             )
+
+    async def claim_turn(self, user_id: str, conversation_id: str) -> Conversation:
+        conversation = self._owned(user_id, conversation_id)
+        if conversation_id in self._turns:
+            raise turn_in_progress()
+        self._turns.add(conversation_id)
+        return conversation
+
+    async def release_turn(self, conversation_id: str) -> None:
+        self._turns.discard(conversation_id)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,65 @@
+"""Keep-latest pruning of every checkpointer the product uses: one checkpoint per thread
+remains, the state it holds is whole, and later runs build on it."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
+
+import pytest
+from langchain_core.runnables import RunnableConfig
+from langgraph.graph import START, StateGraph
+
+from chatbot.services.storage import open_storage
+from tests.postgres import fresh_database
+
+
+class State(TypedDict, total=False):
+    messages: Annotated[list[str], operator.add]
+    pending: str | None
+
+
+def answer(state: State) -> dict[str, Any]:
+    question = state.get("pending") or ""
+    return {"messages": [question, question.upper()], "pending": None}
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "memory":
+        return "memory://"
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'chatbot.db'}"
+    return fresh_database(request.getfixturevalue("postgres_url"))
+
+
+def test_keep_latest_leaves_one_whole_checkpoint_per_thread(store_url: str) -> None:
+    async def scenario() -> None:
+        async with open_storage(store_url) as storage:
+            saver = storage.checkpointer
+            graph = (
+                StateGraph(State)
+                .add_node("answer", answer)
+                .add_edge(START, "answer")
+                .compile(checkpointer=saver)
+            )
+            mine: RunnableConfig = {"configurable": {"thread_id": "mine"}}
+            other: RunnableConfig = {"configurable": {"thread_id": "other"}}
+            for turn in range(3):
+                await graph.ainvoke({"pending": f"q{turn}"}, mine)
+            await graph.ainvoke({"pending": "theirs"}, other)
+            assert len([c async for c in saver.alist(mine)]) > 3
+
+            await saver.aprune(["mine"], strategy="keep_latest")
+
+            assert len([c async for c in saver.alist(mine)]) == 1
+            assert len([c async for c in saver.alist(other)]) > 1  # other threads untouched
+            state = (await graph.aget_state(mine)).values
+            assert state["messages"] == ["q0", "Q0", "q1", "Q1", "q2", "Q2"]
+            await graph.ainvoke({"pending": "q3"}, mine)
+            state = (await graph.aget_state(mine)).values
+            assert state["messages"] == ["q0", "Q0", "q1", "Q1", "q2", "Q2", "q3", "Q3"]
+
+    asyncio.run(scenario())
