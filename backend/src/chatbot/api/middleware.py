@@ -17,6 +17,7 @@ from chatbot.observability.metrics import Metrics
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
+logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("chatbot.access")
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -32,7 +33,13 @@ only. Give it with ``ResponseHeaders`` around a static mount, or as a route's he
 
 class RequestContextMiddleware:
     """Gives every request an id (``X-Request-ID``), refuses bodies over ``max_body_bytes``
-    with 413 before the app reads them, and counts requests by route and status."""
+    with 413 before the app reads them, counts requests by route and status, and logs one
+    access line each.
+
+    An exception no handler took becomes the JSON 500 here, inside the middleware that adds
+    the id and the security headers, and is logged with the request's id: Starlette's own
+    500 is sent from outside every middleware.
+    """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: Metrics) -> None:
         self._app = app
@@ -49,11 +56,12 @@ class RequestContextMiddleware:
         token = request_id.set(rid)
         status = 500
         started = time.perf_counter()
+        responded = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, responded
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, responded = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
             await send(message)
@@ -61,9 +69,22 @@ class RequestContextMiddleware:
         try:
             body_receive = await self._read_body(headers, receive)
             if body_receive is None:
-                await self._too_large(send_with_id)
+                await self._error(
+                    send_with_id,
+                    413,
+                    "invalid_request_error",
+                    f"the request body exceeds {self._max_body_bytes} bytes",
+                    "payload_too_large",
+                )
             else:
                 await self._app(scope, body_receive, send_with_id)
+        except Exception:
+            if responded:  # a stream that broke: its status is sent, nothing more to say
+                raise
+            logger.exception("unhandled error")
+            await self._error(
+                send_with_id, 500, "server_error", "internal server error", "internal_error"
+            )
         finally:
             route = scope.get("route")
             path = getattr(route, "path", "unmatched")
@@ -108,20 +129,13 @@ class RequestContextMiddleware:
 
         return replay
 
-    async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "invalid_request_error",
-                    "message": f"the request body exceeds {self._max_body_bytes} bytes",
-                    "code": "payload_too_large",
-                }
-            }
-        ).encode()
+    @staticmethod
+    async def _error(send: Send, status: int, type_: str, message: str, code: str) -> None:
+        body = json.dumps({"error": {"type": type_, "message": message, "code": code}}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

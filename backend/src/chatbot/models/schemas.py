@@ -26,6 +26,9 @@ def _json_integer(value: object) -> object:
 # Request fields take JSON's own types only, as the contract states them: numbers, not
 # booleans or strings coerced into numbers, and booleans, not "true" or 1.
 Integer = Annotated[int, BeforeValidator(_json_integer)]
+# The bound first and inside the type, so that the schema of `PositiveInteger | None` says
+# `minimum` (after the validator, or on the union, it would be an unknown `ge`).
+PositiveInteger = Annotated[int, Field(ge=1), BeforeValidator(_json_integer)]
 
 
 class ErrorDetail(BaseModel):
@@ -75,7 +78,7 @@ class MessageCreate(BaseModel):
 
     content: str = Field(min_length=1)
     stream: bool = Field(default=True, strict=True)
-    max_tokens: Integer | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
 
     @field_validator("content")
@@ -144,8 +147,8 @@ class ChatCompletionRequest(BaseModel):
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    max_tokens: Integer | None = Field(default=None, ge=1)
-    max_completion_tokens: Integer | None = Field(default=None, ge=1)
+    max_tokens: PositiveInteger | None = None
+    max_completion_tokens: PositiveInteger | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True)
     stop: str | list[str] | None = None

@@ -1,4 +1,8 @@
-"""Log set-up: one line per record, with the request id when there is one."""
+"""Log set-up: one line per record, with the request id when there is one.
+
+What is logged: ids (request, conversation), paths, statuses, counts, timings and errors.
+Never an API key, a header, a query string or a body: what users write stays out of logs.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,27 @@ from contextvars import ContextVar
 
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
-class _RequestIdFilter(logging.Filter):
+
+class RequestIdFilter(logging.Filter):
+    """Stamps each record with the id of the request being served (``-`` outside one)."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
         return True
 
 
-def configure_logging(level: str) -> None:
+def log_handler() -> logging.Handler:
+    """A handler writing ``LOG_FORMAT`` lines to stderr."""
     handler = logging.StreamHandler()
-    handler.addFilter(_RequestIdFilter())
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-    )
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+def configure_logging(level: str) -> None:
     root = logging.getLogger("chatbot")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [log_handler()]
     root.setLevel(level.upper())
     root.propagate = False
