@@ -77,7 +77,7 @@ def assert_headers(response: httpx.Response, request_id: str | None = None) -> N
     assert response.headers["x-frame-options"] == "DENY"
     assert response.headers["referrer-policy"] == "no-referrer"
     assert response.headers["content-security-policy"] == API_CSP
-    assert response.headers["cache-control"] in ("no-store", "no-cache")
+    assert response.headers["cache-control"] == "no-store"
 
 
 def test_every_response_carries_its_request_id_and_the_security_headers(

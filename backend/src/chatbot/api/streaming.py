@@ -39,7 +39,8 @@ class EventStreamResponse(StreamingResponse):
         super().__init__(
             events,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            # no-store: no cache on the way keeps a copy of the conversation's text.
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
         self._on_disconnect = on_disconnect
         self._on_close = on_close
