@@ -111,3 +111,15 @@ def postgres_url() -> Iterator[str]:
 
     with postgres_server() as url:
         yield url
+
+
+def store_url_for(request: pytest.FixtureRequest, kind: str, folder: Path) -> str:
+    """A fresh, empty store of ``kind``: memory, sqlite or postgresql (a new database on the
+    session's own server)."""
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return f"sqlite:///{folder / 'chatbot.db'}"
+    from tests.postgres import fresh_database
+
+    return fresh_database(request.getfixturevalue("postgres_url"))

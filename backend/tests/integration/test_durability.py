@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import store_url_for
 from tests.postgres import fresh_database
 from tests.processes import BOB_KEY, ChatbotProcess, chatbot_process
 from tests.sse import parse_events
@@ -23,9 +24,7 @@ LONG_ANSWER = "Count from one to five hundred, in words."
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'chatbot.db'}"
-    return fresh_database(request.getfixturevalue("postgres_url"))
+    return store_url_for(request, request.param, tmp_path)
 
 
 def turn(client: httpx.Client, conversation: str, content: str, **body: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
 
 from chatbot.services.storage import open_storage
-from tests.postgres import fresh_database
+from tests.conftest import store_url_for
 
 
 class State(TypedDict, total=False):
@@ -28,11 +28,7 @@ def answer(state: State) -> dict[str, Any]:
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'chatbot.db'}"
-    return fresh_database(request.getfixturevalue("postgres_url"))
+    return store_url_for(request, request.param, tmp_path)
 
 
 def test_keep_latest_leaves_one_whole_checkpoint_per_thread(store_url: str) -> None:

@@ -14,18 +14,14 @@ from chatbot.models.domain import Conversation, utcnow
 from chatbot.models.errors import Conflict, NotFound
 from chatbot.services.storage import open_storage
 from chatbot.services.store import ConversationStore
-from tests.postgres import fresh_database
+from tests.conftest import store_url_for
 
 Scenario = Callable[[ConversationStore], Awaitable[None]]
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "memory":
-        return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'chatbot.db'}"
-    return fresh_database(request.getfixturevalue("postgres_url"))
+    return store_url_for(request, request.param, tmp_path)
 
 
 @pytest.fixture
