@@ -86,8 +86,8 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API from another site, exact "
-        "('https://chat.example.com,http://localhost:3000'). Empty: no CORS headers at all. "
-        "'*' only in the keyless local mode.",
+        "('https://chat.example.com,http://localhost:3000'). Empty: no CORS headers at all; "
+        "'*' is refused.",
     )
 
     # --- engine
@@ -276,6 +276,14 @@ class Settings(BaseSettings):
         default=1000, ge=2, description="Messages a conversation may hold, answers included."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    stream_interval_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=1000,
+        description="Tokens that follow one another within this long go out as one "
+        "streamed delta (the first at once): fewer events for a busy API tier to pass on "
+        "and write; 0: every token as it comes.",
+    )
     drain_seconds: int = Field(
         default=30,
         ge=0,
@@ -320,11 +328,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:
-        if "*" in self.cors_origins and self.api_keys:
+        if "*" in self.cors_origins:
+            # Without keys, any web site's scripts would act as the local user; with keys,
+            # any site could drive a key a user pasted into it. Origins are named.
             raise ValueError(
-                "CHATBOT_CORS_ORIGINS='*' is refused when CHATBOT_API_KEYS is set: scripts of "
-                "any web site could then call the API and read its answers; list the exact "
-                "origins instead"
+                "CHATBOT_CORS_ORIGINS='*' is refused: scripts of any web site could then "
+                "call the API and read its answers; list the exact origins instead"
             )
         if not self.api_keys and not _is_loopback(self.host):
             raise ValueError(

@@ -145,9 +145,14 @@ def test_a_drain_that_runs_out_stores_the_answer_as_far_as_it_got(
 ) -> None:
     store_url = f"sqlite:///{tmp_path / 'chatbot.db'}"
     log = tmp_path / "server.log"
+    # The answer must outlast the drain whatever the model chooses to say, and the small
+    # model's answers are often a dozen tokens: the simulated engine (a timing model, named
+    # as the fake it is) answers 400 tokens at 20 a second, so 20 s against a 1 s drain.
+    slow = {"engine": "simulated", "simulated_decode_tokens_per_s": 20}
+    slow |= {"simulated_answer_tokens": 400}
     with (
         chatbot_process(
-            model_path, tmp_path / "kv", log, store_url=store_url, drain_seconds=1
+            model_path, tmp_path / "kv", log, store_url=store_url, drain_seconds=1, **slow
         ) as server,
         server.client() as client,
     ):
@@ -169,11 +174,12 @@ def test_a_drain_that_runs_out_stores_the_answer_as_far_as_it_got(
                 pass  # the stream was cut when the drain ran out
         # Either cut, or ended by the stop: never a complete answer.
         ends = [data for name, data in events if name == "message.end"]
+        assert [name for name, _ in events].count("token") >= 2  # SIGTERM came mid-answer
         assert all(end["status"] == "cancelled" for end in ends)
         stopped_cleanly(server)
 
     with (
-        chatbot_process(model_path, tmp_path / "kv", log, store_url=store_url) as restarted,
+        chatbot_process(model_path, tmp_path / "kv", log, store_url=store_url, **slow) as restarted,
         restarted.client() as client,
     ):
         history = messages(client, conversation)
