@@ -230,7 +230,9 @@ class Agents:
             return {"route": rules.model_copy(update={"reason": f"{rules.reason} (rules)"})}
         return {"route": Route(agent=agent, reason=f"the model chose {agent.value}")}
 
-    def _after_route(self, state: ConversationState) -> str:
+    # The edges' path functions are coroutines although they never wait: LangGraph runs a
+    # plain function of an async graph on a worker thread, a thread hop per edge and turn.
+    async def _after_route(self, state: ConversationState) -> str:
         if state.get("pending") is None:
             return END
         if self._needs_compaction(state):
@@ -270,7 +272,7 @@ class Agents:
         logger.info("compacted a conversation: %d messages summarised", covers)
         return {"summary": Summary(text=text.strip(), covers=covers), "compacted": True}
 
-    def _after_compact(self, state: ConversationState) -> str:
+    async def _after_compact(self, state: ConversationState) -> str:
         if state.get("pending") is None:
             return END
         return _route_of(state).agent.value

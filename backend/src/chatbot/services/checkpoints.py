@@ -30,17 +30,22 @@ class PrunedInMemorySaver(InMemorySaver):
                     continue
                 latest = max(checkpoints)
                 saved, metadata, _parent = checkpoints[latest]
+                versions = self.serde.loads_typed(saved)["channel_versions"]
+                # Only this thread's keys are visited (a scan of every write and blob would
+                # cost each turn time in proportion to all conversations): its writes are
+                # keyed by its checkpoints, and every blob it holds is a channel version
+                # that one of its checkpoints names.
+                for checkpoint_id, (old, _meta, _parent) in checkpoints.items():
+                    if checkpoint_id == latest:
+                        continue
+                    self.writes.pop((thread_id, ns, checkpoint_id), None)
+                    named = self.serde.loads_typed(old)["channel_versions"]
+                    for channel, version in named.items():
+                        if versions.get(channel) != version:
+                            self.blobs.pop((thread_id, ns, channel, version), None)
                 # The kept one becomes a root: its parent is gone.
                 checkpoints.clear()
                 checkpoints[latest] = (saved, metadata, None)
-                versions = self.serde.loads_typed(saved)["channel_versions"]
-                stale = [w for w in self.writes if w[:2] == (thread_id, ns) and w[2] != latest]
-                for write in stale:
-                    del self.writes[write]
-                for blob in [
-                    b for b in self.blobs if b[:2] == (thread_id, ns) and versions.get(b[2]) != b[3]
-                ]:
-                    del self.blobs[blob]
 
 
 class PrunedSqliteSaver(AsyncSqliteSaver):
