@@ -130,9 +130,20 @@ class Turn:
             route_reason=self._started.reason,
         )
         try:
-            while (event := await self._events.get()) is not _DONE:
+            after: GraphEvent | _GraphFailed | object = None
+            while (event := after or await self._events.get()) is not _DONE:
+                after = None
                 if isinstance(event, Token):
-                    yield TurnDelta(event.text)
+                    # Tokens that queued up while the client's stream was busy go out as
+                    # one delta: one SSE write instead of several.
+                    text = event.text
+                    while not self._events.empty():
+                        after = self._events.get_nowait()
+                        if not isinstance(after, Token):
+                            break
+                        text += after.text
+                        after = None
+                    yield TurnDelta(text)
                 elif isinstance(event, Answered):
                     self._answer = event.message
                     if event.error is not None:

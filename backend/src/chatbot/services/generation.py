@@ -3,6 +3,7 @@ defaults and limits, the per-user stream limit, and the metrics of what it did."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -14,6 +15,7 @@ from chatbot.engines.base import (
     Generation,
     GenerationRequest,
     SamplingParams,
+    TokenDelta,
 )
 from chatbot.models.domain import ChatMessage
 from chatbot.models.errors import InvalidRequest
@@ -35,12 +37,16 @@ class MeteredGeneration(Generation):
         agent: str,
         metrics: Metrics,
         release: Callable[[], None],
+        stream_interval_s: float = 0.0,
     ) -> None:
+        """``stream_interval_s``: after a delta is passed on, the text that follows is held
+        and passed on as one delta once that long has gone by (0: every delta at once)."""
         self._generation = generation
         self._engine_name = engine_name
         self._agent = agent
         self._metrics = metrics
         self._release = release
+        self._interval = stream_interval_s
 
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
         return self._events()
@@ -49,7 +55,8 @@ class MeteredGeneration(Generation):
         outcome = "cancelled"
         try:
             with self._metrics.stream():
-                async for event in self._generation:
+                events = self._generation if not self._interval else self._coalesced()
+                async for event in events:
                     if isinstance(event, Finished):
                         outcome = "complete"
                         self._metrics.observe_generation(
@@ -62,6 +69,38 @@ class MeteredGeneration(Generation):
         finally:
             await self.aclose()
             self._metrics.generations.labels(self._engine_name, outcome).inc()
+
+    async def _coalesced(self) -> AsyncIterator[EngineEvent]:
+        """The engine's events with the deltas of each ``stream_interval_s`` joined: every
+        delta costs the layers above (the agent's LangChain model, the graph's stream, an
+        SSE write) about the same whatever its length, so 10,000 streams at 40 tokens a
+        second cost 4x less at 100 ms. The first delta is never held (TTFT is unchanged);
+        held text goes out with the first delta after the interval, or before the end."""
+        loop = asyncio.get_running_loop()
+        held: list[str] = []
+        due = 0.0
+        try:
+            async for event in self._generation:
+                if isinstance(event, TokenDelta):
+                    now = loop.time()
+                    if now < due:
+                        held.append(event.text)
+                        continue
+                    due = now + self._interval
+                    if held:
+                        held.append(event.text)
+                        event = TokenDelta("".join(held))
+                        held.clear()
+                elif held:
+                    yield TokenDelta("".join(held))
+                    held.clear()
+                yield event
+        except Exception:
+            if held:  # what was said before a failure still reaches the client
+                yield TokenDelta("".join(held))
+            raise
+        if held:
+            yield TokenDelta("".join(held))
 
     async def aclose(self) -> None:
         try:
@@ -148,4 +187,5 @@ class GenerationService:
             agent=agent,
             metrics=self._metrics,
             release=release,
+            stream_interval_s=self._settings.stream_interval_ms / 1000,
         )
