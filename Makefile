@@ -42,8 +42,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	cd backend && ../$(BIN)/ruff check --fix src tests benchmarks && ../$(BIN)/ruff format src tests benchmarks
 
-bench: model  ## KV-cache benchmarks vs cache off and llama_cpp.server; results in backend/benchmarks/results/
-	cd backend && ../$(BIN)/python -m benchmarks all
+BENCH ?= all
+bench: model  ## the benchmarks (BENCH=all, or one: multi-round, load, ...); results in backend/benchmarks/results/
+	cd backend && ../$(BIN)/python -m benchmarks $(BENCH)
 
 openapi: $(STAMP)  ## regenerate the API contract from the app
 	$(BIN)/chatbot openapi --output specs/001-lmcache-chatbot/contracts/openapi.yaml

@@ -697,6 +697,160 @@ def openai_bench(
     return result
 
 
+_LOAD_SCENARIOS: dict[str, dict[str, Any]] = {
+    # (a) users with open conversations, each sending a message after a think time; at 30 s
+    # one process on 2 cores holds about 3,000 of them (README), so 10,000 think for 120 s
+    "users": {
+        "users": 10_000,
+        "think_s": 120.0,
+        "answer_tokens": 200,
+        "decode_tokens_per_s": 40.0,
+        "ramp_s": 120.0,
+    },
+    "busy": {
+        "users": 3_000,
+        "think_s": 30.0,
+        "answer_tokens": 200,
+        "decode_tokens_per_s": 40.0,
+        "ramp_s": 30.0,
+    },
+    # (b) every user's stream open at once: no think time, and answers that trickle for
+    # 200 s while the last users arrive, so that what is measured is the streams held
+    "streams": {
+        "users": 10_000,
+        "think_s": 0.0,
+        "answer_tokens": 100,
+        "decode_tokens_per_s": 0.5,
+        "ramp_s": 120.0,
+        "duration_s": 30.0,
+    },
+}
+
+
+@app.command("load")
+def load_bench(
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="users: 10,000 users sending a message after 120 s of thought; busy: 3,000 "
+            "after 30 s; streams: 10,000 answers streaming at once (a token every 2 s); all."
+        ),
+    ] = "all",
+    users: Annotated[
+        int | None, typer.Option(help="Users, each with one open conversation.")
+    ] = None,
+    think_s: Annotated[
+        float | None, typer.Option(help="Mean think time (s); default: the scenario's.")
+    ] = None,
+    answer_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per answer; default: the scenario's.")
+    ] = None,
+    tokens_per_s: Annotated[
+        float | None, typer.Option(help="Each stream's token rate; default: the scenario's.")
+    ] = None,
+    stream_interval_ms: Annotated[
+        float, typer.Option(help="The server's CHATBOT_STREAM_INTERVAL_MS.")
+    ] = 100.0,
+    ramp_s: Annotated[
+        float | None, typer.Option(help="Users start evenly over this long (s).")
+    ] = None,
+    duration_s: Annotated[
+        float | None, typer.Option(help="Measured time after the ramp (s); default 60.")
+    ] = None,
+    clients: Annotated[int, typer.Option(help="Client processes.")] = 1,
+    output: Annotated[str, typer.Option(help="Results file name in results/.")] = "load",
+) -> dict[str, Any]:
+    """The API tier under many concurrent users on the simulated engine: streams held,
+    errors, added TTFT, token-delivery lag, memory per stream, CPU (see benchmarks/load.py).
+    About 4 to 6 minutes a scenario; run on a quiet machine."""
+    from benchmarks import load
+
+    if scenario not in (*_LOAD_SCENARIOS, "all"):
+        raise typer.BadParameter(f"scenario must be one of {', '.join(_LOAD_SCENARIOS)}, all")
+    names = list(_LOAD_SCENARIOS) if scenario == "all" else [scenario]
+    runs: dict[str, Any] = {}
+    for name in names:
+        values: dict[str, Any] = {"duration_s": 60.0, **_LOAD_SCENARIOS[name]}
+        overrides = {
+            "users": users,
+            "duration_s": duration_s,
+            "think_s": think_s,
+            "answer_tokens": answer_tokens,
+            "decode_tokens_per_s": tokens_per_s,
+            "ramp_s": ramp_s,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = load.LoadSettings(
+            stream_interval_ms=stream_interval_ms,
+            clients=clients,
+            **values,
+        )
+        typer.echo(f"load: {name} ({settings.users} users)", err=True)
+        runs[name] = load.run(settings)
+    shown = {"scenarios": ", ".join(names), "stream_interval_ms": stream_interval_ms}
+    shown["clients"] = clients
+    result, lines = _header(
+        "Load: the API tier on the simulated engine",
+        shown,
+        "One server process (uvicorn, uvloop, httptools) on loopback, the clients on the "
+        "same machine.",
+    )
+    result["runs"] = runs
+    lines += load.report_lines(runs)
+    _write(output, result, lines)
+    return result
+
+
+@app.command("capacity")
+def capacity_command(
+    users: Annotated[int, typer.Option(help="Users of the service.")],
+    messages_per_minute: Annotated[
+        float, typer.Option(help="Messages each user sends a minute (at the busy hour).")
+    ],
+    context_tokens: Annotated[
+        int, typer.Option(help="Prompt tokens of a request: system prompt, documents, history.")
+    ],
+    hit_rate: Annotated[float, typer.Option(help="Share of prompt tokens found in the cache.")],
+    answer_tokens: Annotated[int, typer.Option(help="Tokens of an answer.")] = 200,
+    tokens_per_s: Annotated[
+        float | None, typer.Option(help="Decode rate each stream must get; default 40.")
+    ] = None,
+    cpu_share: Annotated[
+        float, typer.Option(help="Share of cached tokens copied in from LMCache's CPU RAM.")
+    ] = 0.5,
+    utilisation: Annotated[
+        float, typer.Option(help="Share of a replica's time that may be busy.")
+    ] = 0.8,
+) -> None:
+    """How many vLLM + LMCache replicas (Llama-3.1-8B bf16, one H100 each) a workload
+    needs, from the simulated engine's timing model: prefill (38/138/614 ms at 1k/4k/16k
+    tokens), KV copies from CPU RAM (54 GB/s, 128 KiB a token), memory-bound decode (3.35
+    TB/s at 70 %), ~50 GiB of KV and 256 sequences a replica.
+
+    Assumes: requests spread evenly; every request carries the whole context; the hit rate
+    holds as replicas are added (session affinity); prefill and decode share a replica's
+    time up to --utilisation; a running sequence keeps its prompt and answer's KV on the
+    GPU; the API tier and network are not counted. Replicas = the largest of what compute,
+    KV memory and the sequence limit need (see benchmarks/capacity.py)."""
+    from benchmarks.capacity import Workload, describe, plan
+
+    try:
+        workload = Workload(
+            users=users,
+            messages_per_minute=messages_per_minute,
+            context_tokens=context_tokens,
+            hit_rate=hit_rate,
+            answer_tokens=answer_tokens,
+            tokens_per_s=tokens_per_s,
+            cpu_share=cpu_share,
+            utilisation=utilisation,
+        )
+        result = plan(workload)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo("\n".join(describe(workload, result)))
+
+
 @app.command("all")
 def all_benchmarks(
     peers: Annotated[bool, typer.Option(help="Also run llama_cpp.server.")] = True,
@@ -708,6 +862,7 @@ def all_benchmarks(
     long_bench(peers=peers)
     agents_bench()
     openai_bench()
+    load_bench()
 
 
 def main() -> None:
