@@ -37,7 +37,6 @@ import os
 import queue
 import random
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any, cast
+
+from benchmarks.servers import free_port, running
 
 LAG_BUCKET_MS = 1.0
 LAG_BUCKETS = 60_000  # 1 ms buckets up to a minute; later lands in the last one
@@ -393,13 +394,6 @@ def _raise_open_files() -> int:
     return hard
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def user_keys(users: int) -> list[str]:
     return [f"load-user-{u:06d}-key-0123456789" for u in range(users)]
 
@@ -426,7 +420,7 @@ class Server:
 def simulated_server(settings: LoadSettings) -> Iterator[Server]:
     """The chatbot on the simulated engine, sized so that only the API tier can limit it:
     as many sequences and streams as users, a user's own limits above what a user sends."""
-    port = _free_port()
+    port = free_port()
     keys = user_keys(settings.users)
     with tempfile.TemporaryDirectory(prefix="bench-load-") as folder:
         # 10,000 keys are too long for one environment variable (128 KiB on Linux): they go
@@ -456,33 +450,9 @@ def simulated_server(settings: LoadSettings) -> Iterator[Server]:
                 "CHATBOT_REQUESTS_PER_MINUTE": "100000",
             }
         )
-        process = subprocess.Popen(SERVER_COMMAND, cwd=folder, env=env)
-        try:
-            _wait_ready(port, process)
+        ready = f"http://127.0.0.1:{port}/readyz"
+        with running(SERVER_COMMAND, env, ready, cwd=folder) as process:
             yield Server(port, process)
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _wait_ready(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
-                sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if sock.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not become ready")
 
 
 # --- a run ---------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class Target:
         return 0.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -77,8 +77,11 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def _running(command: list[str], env: dict[str, str], ready_url: str) -> Iterator[Any]:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+def running(
+    command: list[str], env: dict[str, str], ready_url: str, cwd: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The command's process, once ``ready_url`` answers 200; stopped on the way out."""
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
     try:
         _wait_ready(ready_url, process)
         yield process
@@ -106,7 +109,7 @@ def chatbot(
     """``cache``: "off" (every prompt recomputed), "live" (the live context only, as before
     the KV store existed) or "tiered" (live, RAM, disk). ``env``: more ``CHATBOT_*``
     settings."""
-    port = _free_port()
+    port = free_port()
     keys = [f"bench-user-{u:04d}-key-0123456789" for u in range(users)]
     with tempfile.TemporaryDirectory(prefix="bench-kv-") as kv_dir:
         settings = {
@@ -129,7 +132,7 @@ def chatbot(
         }
         command = [sys.executable, "-m", "chatbot", "serve"]
         url = f"http://127.0.0.1:{port}"
-        with _running(command, settings, f"{url}/readyz") as process:
+        with running(command, settings, f"{url}/readyz") as process:
             yield Target(
                 name=name,
                 url=f"{url}/v1",
@@ -161,7 +164,7 @@ def llama_cpp_server(
     in a ``LlamaRAMCache`` of ``cache_bytes`` (which counts the KV state, not the logits
     each copy carries). ``chat_format``: None uses its fallback for a GGUF without a chat
     template (llama-2)."""
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -188,7 +191,7 @@ def llama_cpp_server(
     if chat_format:
         command += ["--chat_format", chat_format]
     url = f"http://127.0.0.1:{port}/v1"
-    with _running(command, dict(os.environ), f"{url}/models") as process:
+    with running(command, dict(os.environ), f"{url}/models") as process:
         yield Target(
             name=name,
             url=url,
