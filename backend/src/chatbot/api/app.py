@@ -24,6 +24,7 @@ from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
 from chatbot.services.limits import RequestRateLimiter, StreamLimiter
 from chatbot.services.storage import open_storage
+from chatbot.web import install_page
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
@@ -94,4 +95,5 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
     app.include_router(openai_compat.router)
     app.include_router(cache.router)
     app.include_router(health.router)
+    install_page(app)
     return app
