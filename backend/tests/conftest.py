@@ -26,6 +26,13 @@ CAROL_KEY = "carol-key-0123456789abcdef"
 DAVE_KEY = "dave-key-0123456789abcdef0"  # used by one test only: a user with no history
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """The async tests run on asyncio only, the loop the server runs on: anyio's plugin would
+    also run them on trio, which is installed (Selenium depends on it)."""
+    return "asyncio"
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     cache = Path(os.environ.get("CHATBOT_CACHE_DIR", Path.home() / ".cache" / "lmcache-chatbot"))
