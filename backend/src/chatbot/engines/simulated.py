@@ -68,9 +68,10 @@ WORDS = tuple(_VOCABULARY.split())
 class GpuModel:
     """What one GPU replica costs, for Llama-3.1-8B-shaped bf16 on one H100 80 GB.
 
-    The prefill and copy figures are the GPU probe's in docs/ARCHITECTURE's measurements
-    table; the rest are published figures, named where they are used. The simulated engine
-    and ``benchmarks/capacity.py`` both read this one object.
+    The prefill and copy figures were measured on an H100 (the architecture notes'
+    measurements, restated in specs/001-lmcache-chatbot/research.md §18); the rest are
+    published figures, named where they are used. The simulated engine and
+    ``benchmarks/capacity.py`` both read this one object.
     """
 
     # Full prefill measured at 1k / 4k / 16k tokens: 38 / 138 / 614 ms (GPU probe). The three
