@@ -89,7 +89,7 @@ def serve(
     configure_logging(settings.log_level)
     shown = "localhost" if settings.host in ("127.0.0.1", "::1") else settings.host
     logger.info(
-        "chatbot listening on http://%s:%d  (API docs: /docs, OpenAI base URL: /v1)",
+        "chatbot listening on http://%s:%d  (the chat page; API docs: /docs, OpenAI base URL: /v1)",
         shown,
         settings.port,
     )
