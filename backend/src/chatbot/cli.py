@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -15,6 +16,7 @@ import uvicorn
 import yaml
 
 from chatbot.config import EngineKind, Settings
+from chatbot.services.limits import AcceptQueue
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -94,9 +96,10 @@ def serve(
         settings.port,
     )
     _allow_many_connections()
-    api = create_app(settings)
+    accept_queue = AcceptQueue(settings.shed_accept_queue)
+    api = create_app(settings, accept_queue=accept_queue)
     _collect_garbage_less_often()
-    uvicorn.run(
+    config = uvicorn.Config(
         api,
         host=settings.host,
         port=settings.port,
@@ -106,6 +109,16 @@ def serve(
         # then stop them; the lifespan stores them before the store closes.
         timeout_graceful_shutdown=settings.drain_seconds,
     )
+    # The listening socket is made here, not by uvicorn, so that the app can watch its
+    # accept queue: where requests wait when this process falls behind.
+    listener = config.bind_socket()
+    accept_queue.watch(listener)
+    server = uvicorn.Server(config)
+    # uvicorn hands Ctrl-C back once it has shut down: the end of the run, not an error.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[listener])
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's own status for a start-up failure
 
 
 def _collect_garbage_less_often() -> None:

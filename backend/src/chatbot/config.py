@@ -276,6 +276,13 @@ class Settings(BaseSettings):
         default=1000, ge=2, description="Messages a conversation may hold, answers included."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    shed_accept_queue: int = Field(
+        default=128,
+        ge=0,
+        description="When this many connections wait in the kernel's accept queue (the "
+        "process is not keeping up), new answers are refused at once with 503 "
+        "server_overloaded and Retry-After; 0: never.",
+    )
     stream_interval_ms: float = Field(
         default=0.0,
         ge=0,

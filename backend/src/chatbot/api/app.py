@@ -22,13 +22,16 @@ from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
-from chatbot.services.limits import RequestRateLimiter, StreamLimiter
+from chatbot.services.limits import AcceptQueue, RequestRateLimiter, StreamLimiter
 from chatbot.services.storage import open_storage
 from chatbot.web import install_page
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
-    """``engine`` replaces the configured one (tests wrap the real engine to inject faults)."""
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, accept_queue: AcceptQueue | None = None
+) -> FastAPI:
+    """``engine`` replaces the configured one (tests wrap the real engine to inject faults);
+    ``accept_queue`` watches the listening socket, when the caller made it (``chatbot serve``)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -65,6 +68,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                 conversations=conversations,
                 tracer=tracer,
                 rate_limiter=RequestRateLimiter(settings.requests_per_minute),
+                accept_queue=accept_queue,
             )
             yield
 

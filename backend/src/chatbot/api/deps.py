@@ -16,7 +16,7 @@ from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
-from chatbot.services.limits import RequestRateLimiter
+from chatbot.services.limits import AcceptQueue, RequestRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +30,8 @@ class Services:
     conversations: ConversationService
     tracer: Tracer
     rate_limiter: RequestRateLimiter
+    accept_queue: AcceptQueue | None = None
+    """The listening socket's accept queue, when the app knows its socket."""
     key_index: dict[bytes, str] = field(init=False, repr=False)
     """SHA-256 of each API key → its user."""
 
@@ -73,6 +75,13 @@ async def get_current_user(
         raise AuthenticationFailed("the API key is not valid")
     services.rate_limiter.check(user)
     return user
+
+
+async def not_overloaded(services: Annotated[Services, Depends(get_services)]) -> None:
+    """Refuses a new answer (503) while the process falls behind: first, so that a refusal
+    costs next to nothing and the backlog drains."""
+    if services.accept_queue is not None:
+        services.accept_queue.check()
 
 
 async def _settings(services: Annotated[Services, Depends(get_services)]) -> Settings:

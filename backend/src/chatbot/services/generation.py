@@ -111,7 +111,11 @@ class MeteredGeneration(Generation):
 
 class GenerationService:
     def __init__(
-        self, engine: Engine, settings: Settings, metrics: Metrics, limiter: StreamLimiter
+        self,
+        engine: Engine,
+        settings: Settings,
+        metrics: Metrics,
+        limiter: StreamLimiter,
     ) -> None:
         self.engine = engine
         self._settings = settings

@@ -8,6 +8,8 @@ rate, which is why the load balancer's own limits (or session affinity) sit in f
 from __future__ import annotations
 
 import math
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,6 +55,50 @@ class StreamLimiter:
                     del self._active[user_id]
 
         return release
+
+
+class AcceptQueue:
+    """The connections waiting in the kernel's accept queue of the server's listening socket.
+
+    When one process cannot keep up, new requests wait there, before any handler sees them:
+    a full queue (uvicorn's backlog, 2,048) is seconds of latency the app cannot observe,
+    then connections the kernel drops. Its depth is the earliest sign of overload that the
+    app can read (``TCP_INFO`` of a listening socket gives it), so past ``limit`` new answers
+    are refused at once with a 503 and ``Retry-After``: a refusal costs the server a small
+    fraction of an answer, so the queue drains and the answers already admitted keep their
+    pace."""
+
+    # struct tcp_info: eight one-byte fields, then rto, ato, snd_mss, rcv_mss (4 bytes
+    # each), then tcpi_unacked, which for a listening socket is its accept queue's length.
+    _WAITING_OFFSET = 24
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._listener: socket.socket | None = None
+
+    def watch(self, listener: socket.socket) -> None:
+        if listener.family in (socket.AF_INET, socket.AF_INET6):
+            self._listener = listener
+
+    def waiting(self) -> int | None:
+        """Connections accepted by the kernel and not yet by the server; None if unknown."""
+        if self._listener is None:
+            return None
+        info = self._listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+        waiting: int = struct.unpack_from("I", info, self._WAITING_OFFSET)[0]
+        return waiting
+
+    def check(self) -> None:
+        """Raise ServiceUnavailable while ``limit`` or more connections wait."""
+        if not self._limit:
+            return
+        waiting = self.waiting()
+        if waiting is not None and waiting >= self._limit:
+            raise ServiceUnavailable(
+                f"the server is overloaded ({waiting} connections waiting to be accepted)",
+                code="server_overloaded",
+                retry_after=2,
+            )
 
 
 class RequestRateLimiter:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 
-from chatbot.api.deps import ConversationsDep, CurrentUser
+from chatbot.api.deps import ConversationsDep, CurrentUser, not_overloaded
 from chatbot.api.errors import error_body
 from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
 from chatbot.models.domain import Conversation, Message
@@ -106,6 +106,7 @@ async def list_messages(
     response_model=MessageOut,
     description=_STREAM_DOC,
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    dependencies=[Depends(not_overloaded)],
 )
 async def send_message(
     conversation_id: str,

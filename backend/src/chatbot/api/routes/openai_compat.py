@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import uuid4
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 
-from chatbot.api.deps import CurrentUser, GenerationsDep, SettingsDep
+from chatbot.api.deps import CurrentUser, GenerationsDep, SettingsDep, not_overloaded
 from chatbot.api.errors import error_body
 from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
 from chatbot.engines.base import Finished, TokenDelta
@@ -64,6 +64,7 @@ def _usage(finished: Finished) -> CompletionUsage | None:
     "/chat/completions",
     response_model=ChatCompletion,
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    dependencies=[Depends(not_overloaded)],
 )
 async def create_chat_completion(
     body: ChatCompletionRequest,
