@@ -714,15 +714,27 @@ _LOAD_SCENARIOS: dict[str, dict[str, Any]] = {
         "decode_tokens_per_s": 40.0,
         "ramp_s": 30.0,
     },
+    # past what one process serves: 10,000 users at 30 s; refused at once (503) while the
+    # accept queue is long (CHATBOT_SHED_ACCEPT_QUEUE), the rest answered at pace
+    "overload": {
+        "users": 10_000,
+        "think_s": 30.0,
+        "answer_tokens": 200,
+        "decode_tokens_per_s": 40.0,
+        "ramp_s": 30.0,
+        "duration_s": 40.0,
+    },
     # (b) every user's stream open at once: no think time, and answers that trickle for
-    # 200 s while the last users arrive, so that what is measured is the streams held
+    # 250 s while the last users arrive, so that what is measured is the streams held; the
+    # users arrive over 240 s, as many a second as one process starts answers for while
+    # it streams to thousands
     "streams": {
         "users": 10_000,
         "think_s": 0.0,
         "answer_tokens": 100,
-        "decode_tokens_per_s": 0.5,
-        "ramp_s": 120.0,
-        "duration_s": 30.0,
+        "decode_tokens_per_s": 0.4,
+        "ramp_s": 240.0,
+        "duration_s": 10.0,
     },
 }
 
@@ -733,7 +745,8 @@ def load_bench(
         str,
         typer.Option(
             help="users: 10,000 users sending a message after 120 s of thought; busy: 3,000 "
-            "after 30 s; streams: 10,000 answers streaming at once (a token every 2 s); all."
+            "after 30 s; overload: 10,000 after 30 s, more than one process serves; streams: "
+            "10,000 answers streaming at once (a token every 2.5 s); all."
         ),
     ] = "all",
     users: Annotated[

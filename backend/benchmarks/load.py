@@ -125,6 +125,7 @@ class _Exchange(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.heard_at = time.monotonic()
         """When the request was sent or the server last sent something."""
+        self.retry_after = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
@@ -146,6 +147,8 @@ class _Exchange(asyncio.Protocol):
                     self._chunked = True
                 elif name == b"content-length":
                     self._length = int(value)
+                elif name == b"retry-after":
+                    self.retry_after = float(value)
             data = bytes(self._head[end + 4 :])
             self._head.clear()
         if self._chunked:
@@ -274,10 +277,12 @@ class _Client:
             if time.time() >= self.stop_at:
                 return
             turn += 1
-            await self.message(key, conversation, index, turn)
-            next_at = time.time() + s.think_s * rng.uniform(0.5, 1.5)
+            retry_after = await self.message(key, conversation, index, turn)
+            # A refused user waits as long as the server asked, if that is longer.
+            next_at = time.time() + max(retry_after, s.think_s * rng.uniform(0.5, 1.5))
 
-    async def message(self, key: str, conversation: str, index: int, turn: int) -> None:
+    async def message(self, key: str, conversation: str, index: int, turn: int) -> float:
+        """One turn; the ``Retry-After`` of a refusal, else 0."""
         content = (
             f"Hello, this is visitor {index}, message {turn}. Could you tell me a short "
             f"story about a lighthouse keeper and a cat, number {turn}?"
@@ -311,7 +316,7 @@ class _Client:
             exchange = await self._exchange(request, on_token)
         except (OSError, TimeoutError) as exc:
             self._error(f"message: {type(exc).__name__}")
-            return
+            return 0.0
         finally:
             if first is not None:
                 self.open_streams.value -= 1
@@ -319,20 +324,20 @@ class _Client:
             self.stats.all_messages += 1
         if exchange.status != 200:
             self._error(f"message: HTTP {exchange.status} {_code(exchange.body)}")
-            return
+            return exchange.retry_after
         end = next((json.loads(d) for e, d in exchange.events if e == b"message.end"), None)
         failure = next((json.loads(d) for e, d in exchange.events if e == b"error"), None)
         if failure is not None:
             self._error(f"message: error event {failure['error'].get('code')}")
-            return
+            return 0.0
         if end is None or not exchange.complete or first is None:
             self._error("message: stream ended early")
-            return
+            return 0.0
         if end["status"] != "complete":
             self._error(f"message: answer {end['status']}")
-            return
+            return 0.0
         if not counted:
-            return
+            return 0.0
         stats = self.stats
         stats.messages += 1
         stats.tokens += received
@@ -344,6 +349,7 @@ class _Client:
         stats.prompt_tokens += end["usage"]["prompt_tokens"]
         stats.cached_tokens += end["usage"]["cached_tokens"]
         stats.agents[end["agent"]] = stats.agents.get(end["agent"], 0) + 1
+        return 0.0
 
 
 def _code(body: bytes | bytearray) -> str:
