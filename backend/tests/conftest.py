@@ -59,6 +59,15 @@ def make_settings(model_path: Path | None, kv_dir: Path, **overrides: object) ->
     return Settings(_env_file=None, **values)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A listening socket that nobody accepts on: its accept queue is the test's to fill."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -7,7 +7,6 @@ accepted, given to the app as ``chatbot serve`` gives it its own."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -19,14 +18,6 @@ from chatbot.services.limits import AcceptQueue
 from tests.conftest import ALICE_KEY, make_settings
 
 pytestmark = pytest.mark.model
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(16)
-        yield sock
 
 
 def test_new_answers_are_refused_while_connections_wait_to_be_accepted(

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from contextlib import ExitStack
 
 import pytest
 
 from chatbot.models.errors import ServiceUnavailable
 from chatbot.services.limits import AcceptQueue
-
-
-@pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        yield sock
 
 
 def connect(listener: socket.socket, count: int, stack: ExitStack) -> None:
