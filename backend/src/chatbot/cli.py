@@ -122,10 +122,10 @@ def serve(
 
 
 def _collect_garbage_less_often() -> None:
-    """With thousands of conversations in memory, the cycle collector's runs (every 700
-    allocations by default, each older generation scanned in turn) showed up as a large
-    share of the API tier's time in profiles under load (benchmarks/load.py). What exists at
-    start-up (modules, the app) is frozen out of every collection, and young collections
+    """With thousands of conversations in memory, the cycle collector's older generations
+    hold them all, and by default a young collection runs every 700 allocations, each
+    promoting work toward the full scans: a steady cost per request under load. What exists
+    at start-up (modules, the app) is frozen out of every collection, and young collections
     run 100,000 allocations apart."""
     gc.freeze()
     gc.set_threshold(100_000, 50, 1000)
