@@ -545,7 +545,6 @@ class _Sampler(threading.Thread):
         self.rss_baseline = 0
         self.peak: dict[str, float] = {"open_streams": 0, "rss_bytes": 0, "open_fds": 0}
         self.max_rss = 0
-        self.max_fds = 0
         self.timeline: list[tuple[float, int, int]] = []
         self._stopped = threading.Event()
 
@@ -560,7 +559,7 @@ class _Sampler(threading.Thread):
             except OSError:
                 return
             streams = sum(c.value for c in self.counters)
-            self.max_rss, self.max_fds = max(self.max_rss, rss), max(self.max_fds, fds)
+            self.max_rss = max(self.max_rss, rss)
             self.timeline.append((round(time.time() - started, 1), streams, rss))
             if streams >= self.peak["open_streams"]:
                 self.peak = {"open_streams": streams, "rss_bytes": rss, "open_fds": fds}
