@@ -68,7 +68,10 @@ def test_each_turn_extends_the_last_across_agent_switches() -> None:
         prompt = layout.turn_prompt(HEAD, history, None, agent, question).messages
         if previous is not None:
             assert prompt[: len(previous)] == previous
-        assert prompt[-2] == layout.instruction(agent)
+        assert prompt[-1] == layout.turn(agent, question)
+        assert [m.role for m in prompt[1:]] == ["user", "assistant"] * (len(prompt) // 2 - 1) + [
+            "user"
+        ]
         answer = f"answer to {question}"
         history += exchange(question, answer, agent)
         previous = [*prompt, ChatMessage(role="assistant", content=answer)]
@@ -81,7 +84,7 @@ def test_a_failed_turn_is_left_out_so_the_next_extends_the_one_before() -> None:
     history += exchange("q2", "half", AgentName.KNOWLEDGE, status=MessageStatus.FAILED)
     after = layout.turn_prompt(HEAD, history, None, AgentName.ASSISTANT, "q3").messages
     assert after[: len(before)] == before
-    assert "q2" not in [m.content for m in after]
+    assert not any("q2" in m.content for m in after)
 
 
 def test_the_agents_source_line_is_shown_but_not_read_back_by_the_model() -> None:
@@ -105,11 +108,11 @@ def test_a_summary_replaces_the_turns_it_covers() -> None:
     ).messages
     contents = [m.content for m in prompt]
     assert contents[1:3] == ["Summarise our conversation so far.", "we said hi"]
-    assert "q1" not in contents
-    assert "q2" in contents
+    assert not any("q1" in c for c in contents)
+    assert layout.turn(AgentName.ASSISTANT, "q2").content in contents
 
 
-def test_agent_instructions_render_in_place_and_only_the_preamble_is_public() -> None:
+def test_agent_instructions_render_in_the_users_turn_and_only_the_preamble_is_public() -> None:
     prompt = layout.turn_prompt(HEAD, [], None, AgentName.KNOWLEDGE, "q")
     rendered = chat_format.render(
         prompt.messages, few_shot=True, public_messages=prompt.public_messages
@@ -117,7 +120,9 @@ def test_agent_instructions_render_in_place_and_only_the_preamble_is_public() ->
     assert rendered.segments[0].startswith("Be helpful.")
     assert "### tea.md: Tea" in rendered.segments[0]
     text = "".join(rendered.segments)
-    assert f"System: {layout.instruction(AgentName.KNOWLEDGE).content}\nUser: q\n" in text
+    instruction = layout.turn(AgentName.KNOWLEDGE, "q").content
+    assert text.endswith(f"\nUser: {instruction}\nAssistant:")
+    assert "q" in instruction.splitlines()
     public = "".join(rendered.segments[: rendered.public_segments])
     assert "System:" not in public
     assert text.startswith(public)

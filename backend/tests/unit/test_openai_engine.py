@@ -206,3 +206,18 @@ async def test_a_server_asking_for_a_long_pause_is_not_waited_for() -> None:
         await run(transport)
     assert raised.value.retry_after == 20  # passed on to our client
     assert len(transport.requests) == 1
+
+
+async def test_the_transcript_stops_go_with_every_request_before_the_callers_own() -> None:
+    # Without them a base model behind the transcript template writes the user's next turn.
+    transport = VLLMReplay(ok(ANSWER), ok(ANSWER))
+    await run(transport)
+    with_stops = GenerationRequest(
+        messages=REQUEST.messages,
+        sampling=SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0, stop=("\nUser:", "END")),
+        cache_salt="alice",
+    )
+    await run(transport, with_stops)
+    plain, merged = (json.loads(r.content)["stop"] for r in transport.requests)
+    assert plain == ["\nUser:", "\nAssistant:", "\nSystem:"]
+    assert merged == ["\nUser:", "\nAssistant:", "\nSystem:", "END"]

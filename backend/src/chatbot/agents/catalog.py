@@ -1,8 +1,8 @@
 """The agents: what each is for (the router reads it) and the instruction it adds to a turn.
 
-An instruction is one short line placed just before the user's message, never in the shared
-prefix: switching agents between turns then changes a few tokens at the end of the prompt
-and nothing the KV cache already holds.
+An instruction is one short line at the head of the user's turn, never in the shared prefix:
+switching agents between turns then changes a few tokens at the end of the prompt and
+nothing the KV cache already holds.
 """
 
 from __future__ import annotations

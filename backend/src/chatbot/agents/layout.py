@@ -2,12 +2,16 @@
 
     [preamble: system prompt + documents]      public: one prefix for every user and agent
     [summary exchange]                         only once the conversation was compacted
-    [instruction a1] [user q1] [assistant r1]  earlier turns, each with the instruction of
+    [user: instruction a1, q1] [assistant r1]  earlier turns, each with the instruction of
     ...                                        the agent that answered it, as it was sent
-    [instruction ak] [user qk]                 this turn
+    [user: instruction ak, qk]                 this turn
+
+The instruction rides in the user's turn, not in a system message of its own: a chat template
+may accept one system message only, the first (Gemma's instruct template raises on any
+other), and the prompt is then one system message and strictly alternating turns.
 
 Turn k+1's prompt is turn k's prompt followed by turn k's answer, message for message,
-whichever agents answered: an agent switch changes only the instruction line of the new turn.
+whichever agents answered: an agent switch changes only the instruction of the new turn.
 Two things break that on purpose, and both are counted: a compaction (the oldest turns become
 one summary, once, when the window fills), and a failed answer (left out with its question, so
 the next prompt extends the one before the failed turn).
@@ -23,6 +27,8 @@ from chatbot.agents.catalog import AGENTS, COMPACTION_INSTRUCTION
 from chatbot.agents.documents import Document
 from chatbot.agents.state import Summary
 from chatbot.models.domain import AgentName, ChatMessage, Message, MessageStatus
+
+SUMMARY_REQUEST = "Summarise our conversation so far."
 
 PUBLIC_MESSAGES = 1
 """Only the preamble is public. The boundary must not move between turns: the KV cache
@@ -75,8 +81,14 @@ def spoken(message: Message) -> ChatMessage:
     return ChatMessage(role=message.role, content=content)
 
 
-def instruction(agent: AgentName) -> ChatMessage:
-    return ChatMessage(role="system", content=AGENTS[agent].instruction)
+def asked(instruction: str, question: str) -> ChatMessage:
+    """The user's turn as the model reads it: the instruction, then the question. The same
+    pair always gives the same text, so the turn re-renders identically in later prompts."""
+    return ChatMessage(role="user", content=f"{instruction}\n{question}")
+
+
+def turn(agent: AgentName, question: str) -> ChatMessage:
+    return asked(AGENTS[agent].instruction, question)
 
 
 def history(
@@ -92,8 +104,9 @@ def history(
         if message.role == "user":
             answer = kept[i + 1] if i + 1 < len(kept) else None
             agent = answer.agent if answer is not None and answer.agent else AgentName.ASSISTANT
-            prompt.append(instruction(agent))
-        prompt.append(spoken(message))
+            prompt.append(turn(agent, message.content))
+        else:
+            prompt.append(spoken(message))
     return prompt
 
 
@@ -104,13 +117,7 @@ def turn_prompt(
     agent: AgentName,
     question: str,
 ) -> Prompt:
-    return Prompt(
-        [
-            *history(head, messages, summary),
-            instruction(agent),
-            ChatMessage(role="user", content=question),
-        ]
-    )
+    return Prompt([*history(head, messages, summary), turn(agent, question)])
 
 
 def compaction_prompt(
@@ -121,15 +128,14 @@ def compaction_prompt(
     return Prompt(
         [
             *history(head, messages, summary),
-            ChatMessage(role="system", content=COMPACTION_INSTRUCTION),
-            ChatMessage(role="user", content="Summarise our conversation so far."),
+            asked(COMPACTION_INSTRUCTION, SUMMARY_REQUEST),
         ]
     )
 
 
 def summary_exchange(text: str) -> list[ChatMessage]:
     return [
-        ChatMessage(role="user", content="Summarise our conversation so far."),
+        ChatMessage(role="user", content=SUMMARY_REQUEST),
         ChatMessage(role="assistant", content=text),
     ]
 

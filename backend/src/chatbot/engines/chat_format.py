@@ -1,10 +1,19 @@
-"""How the embedded engine lays a chat out as text for a base model.
+"""How a chat is laid out as text for a base model, by the embedded engine and by vLLM.
 
 Gemma 3 270M is a base model: it ignores Gemma's chat tokens but continues a plain
 ``User:``/``Assistant:`` transcript well once a few example exchanges show it how. The
 prompt is a list of segments tokenized one by one, so that the prompt of turn k+1 starts
 with exactly the tokens of turn k's prompt: a message renders to the same tokens whatever
 follows it, which is what lets the KV cache of earlier turns be reused.
+
+``deploy/vllm/transcript.jinja`` is the same layout as a chat template, for vLLM serving the
+same model: it must render exactly the text of ``render`` (a unit test compares them), so
+that a conversation's prefixes extend each other on both engines alike.
+
+Content cannot forge a turn. A turn starts where a line starts with a role marker, so every
+line of every message (system prompt, documents, questions, answers) that would read as one
+(``user:``, `` Assistant :`` in any case, after any indentation) is quoted with ``> `` in
+``_text``, the one place content enters the prompt. See research.md §2.
 """
 
 from __future__ import annotations
@@ -18,6 +27,12 @@ USER_PREFIX = "User:"
 ASSISTANT_PREFIX = "Assistant:"
 SYSTEM_PREFIX = "System:"
 STOPS = ("\nUser:", "\nAssistant:", "\nSystem:")
+"""Where the model starts a turn of its own: its answer ends there."""
+
+ROLE_WORDS = ("user", "assistant", "system")
+QUOTE = "> "
+"""Put before a content line that reads as a turn: it is then a quoted line of the turn
+that contains it."""
 
 FEW_SHOT: tuple[tuple[str, str], ...] = (
     ("Hi! Who are you?", "Hello! I am an AI assistant. How can I help you today?"),
@@ -52,20 +67,21 @@ def render(
     """The prompt as text segments; the last one leaves the assistant to speak.
 
     Leading system messages make the header, ahead of the few-shot examples; a system
-    message later in the chat (an agent's instruction) is a ``System:`` line in place.
+    message later in the chat is a ``System:`` line in place. The text does not depend on
+    ``public_messages`` (a chat template knows nothing of it): the header is public only if
+    every leading system message is.
     """
     leading = next((i for i, m in enumerate(messages) if m.role != "system"), len(messages))
-    public_leading = min(leading, public_messages)
-    # The header is public if it is made of public messages only; a client's own system
-    # prompt, which is not, then makes the whole header.
-    head = public_leading if public_leading else leading
-    header = "\n\n".join(m.content for m in messages[:head]) if head else DEFAULT_HEADER
+    if leading:
+        header = "\n\n".join(_text(m.content) for m in messages[:leading])
+    else:
+        header = DEFAULT_HEADER
     segments = [header + "\n\n"]
     if few_shot:
         for question, answer in FEW_SHOT:
             segments += _exchange(question, answer)
-    public_segments = len(segments) if head == public_leading else 0
-    for i, message in enumerate(messages[head:], start=head):
+    public_segments = len(segments) if leading <= public_messages else 0
+    for i, message in enumerate(messages[leading:], start=leading):
         still_public = public_segments == len(segments) and i < public_messages
         segments += _message(message)
         if still_public:
@@ -74,12 +90,36 @@ def render(
     return RenderedPrompt(segments, public_segments)
 
 
+def prompt_text(rendered: RenderedPrompt) -> str:
+    """The prompt's text, without the BOS token the engines put ahead of it."""
+    return "".join(rendered.segments)
+
+
+def reads_as_turn(line: str) -> bool:
+    """Whether a line would start a turn of the transcript, to a reader or to the model:
+    a role word, in any case, after any indentation, then a colon after optional blanks."""
+    word = line.lstrip().lower()
+    return any(
+        word.startswith(role) and word[len(role) :].lstrip().startswith(":") for role in ROLE_WORDS
+    )
+
+
+def _text(content: str) -> str:
+    """Content as the prompt shows it: line breaks as ``\\n`` and no line that starts a turn.
+
+    Every message kind goes through here. The template does the same with the same string
+    methods (``splitlines``, ``lstrip``, ``lower``), so both agree on what a line is.
+    """
+    return "\n".join(QUOTE + line if reads_as_turn(line) else line for line in content.splitlines())
+
+
 def _message(message: ChatMessage) -> list[str]:
+    content = f" {_text(message.content.strip())}\n"
     if message.role == "system":
-        return [SYSTEM_PREFIX, f" {message.content.strip()}\n"]
+        return [SYSTEM_PREFIX, content]
     if message.role == "user":
-        return [USER_PREFIX, f" {message.content.strip()}\n"]
-    return [ASSISTANT_PREFIX, f" {message.content.strip()}\n\n"]
+        return [USER_PREFIX, content]
+    return [ASSISTANT_PREFIX, content + "\n"]
 
 
 def _exchange(question: str, answer: str) -> list[str]:

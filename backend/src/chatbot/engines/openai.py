@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from chatbot.engines import chat_format
 from chatbot.engines.base import (
     Engine,
     EngineEvent,
@@ -211,8 +212,9 @@ class OpenAIEngine(Engine):
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if sampling.stop:
-            body["stop"] = list(sampling.stop)
+        # The transcript template (deploy/vllm/transcript.jinja) needs its turn markers as
+        # stops, or the model goes on to write the user's next turn; the caller's own follow.
+        body["stop"] = list(dict.fromkeys((*chat_format.STOPS, *sampling.stop)))
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         return body
