@@ -117,6 +117,8 @@ def chatbot(
             "CHATBOT_HOST": "127.0.0.1",
             "CHATBOT_PORT": str(port),
             "CHATBOT_API_KEYS": ",".join(f"{k}=user{u}" for u, k in enumerate(keys)),
+            # The first key reads the whole cache's counters on /v1/cache/stats.
+            "CHATBOT_OPERATORS": "user0",
             "CHATBOT_MODEL_ID": MODEL_ID,
             "CHATBOT_SYSTEM_PROMPT": system_prompt,
             "CHATBOT_CONTEXT_TOKENS": str(context_tokens),

@@ -40,12 +40,13 @@ def model_path() -> Path:
 
 
 def make_settings(model_path: Path | None, kv_dir: Path, **overrides: object) -> Settings:
-    """Settings for tests: small limits, short answers, greedy decoding, four users, and
-    the KV cache's disk tier in a folder of the test's own."""
+    """Settings for tests: small limits, short answers, greedy decoding, four users (Carol
+    an operator), and the KV cache's disk tier in a folder of the test's own."""
     values: dict[str, object] = {
         "model_path": model_path,
         "kv_dir": kv_dir,
         "api_keys": f"{ALICE_KEY}=alice,{BOB_KEY}=bob,{CAROL_KEY}=carol,{DAVE_KEY}=dave",
+        "operators": "carol",  # sees the whole cache's counters; the others their own
         "context_tokens": 4096,
         "max_tokens": 32,
         "temperature": 0.0,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-import uvicorn
 import yaml
 
 from chatbot.config import EngineKind, Settings
@@ -83,6 +82,7 @@ def serve(
         chatbot serve --engine openai --base-url http://vllm:8000/v1
     """
     from chatbot.api.app import create_app
+    from chatbot.api.server import server_for
     from chatbot.observability.logging import configure_logging
 
     options = {"host": host, "port": port, "engine": engine, "openai_base_url": base_url}
@@ -95,25 +95,27 @@ def serve(
         shown,
         settings.port,
     )
-    _allow_many_connections()
+    open_files = _allow_many_connections()
     accept_queue = AcceptQueue(settings.shed_accept_queue)
     api = create_app(settings, accept_queue=accept_queue)
     _collect_garbage_less_often()
-    config = uvicorn.Config(
+    # Bounded (request heads, receive time, connections) and draining: on SIGTERM, stop
+    # accepting, let the answers being streamed finish for CHATBOT_DRAIN_SECONDS, then end
+    # each open stream with a last event; the lifespan stores them before the store closes.
+    server = server_for(
         api,
+        settings,
+        drain=api.state.drain,
+        open_files=open_files,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        # On SIGTERM: stop accepting, let the answers being streamed finish for this long,
-        # then stop them; the lifespan stores them before the store closes.
-        timeout_graceful_shutdown=settings.drain_seconds,
     )
     # The listening socket is made here, not by uvicorn, so that the app can watch its
     # accept queue: where requests wait when this process falls behind.
-    listener = config.bind_socket()
+    listener = server.config.bind_socket()
     accept_queue.watch(listener)
-    server = uvicorn.Server(config)
     # uvicorn hands Ctrl-C back once it has shut down: the end of the run, not an error.
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[listener])
@@ -131,12 +133,15 @@ def _collect_garbage_less_often() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
-def _allow_many_connections() -> None:
+def _allow_many_connections() -> int:
     """Every open stream is a socket: raise the open-files limit to what the system allows
-    (often 1,024 by default, far below the streams one process can hold)."""
+    (often 1,024 by default, far below the streams one process can hold). Returns the limit
+    (0: unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return 0 if soft == resource.RLIM_INFINITY else soft
 
 
 @app.command()

@@ -83,6 +83,19 @@ class Settings(BaseSettings):
         description="Bearer keys mapped to user names: 'key1=alice,key2=bob'. "
         "Empty: one local user, loopback only.",
     )
+    operators: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Users (names from CHATBOT_API_KEYS) who see the whole KV cache's "
+        "counters on /v1/cache/stats, all users' together: 'alice,ops'. Others see their "
+        "own only. Keyless, the local user is the operator.",
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        repr=False,
+        min_length=16,
+        description="Bearer token /metrics requires ('Authorization: Bearer <token>'); "
+        "unset: /metrics answers loopback clients only.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Browser origins allowed to call the API from another site, exact "
@@ -295,7 +308,35 @@ class Settings(BaseSettings):
         default=30,
         ge=0,
         description="On SIGTERM, how long answers being streamed may take to finish "
-        "before they are stopped (and stored as far as they got).",
+        "before they are stopped (stored as far as they got, and each open stream ends "
+        "with an error event 'server_shutting_down').",
+    )
+    max_header_bytes: int = Field(
+        default=16_384,
+        ge=1024,
+        le=1_048_576,
+        description="Request line and headers together; past it 431 and the connection is closed.",
+    )
+    receive_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A request's headers and body must arrive within this long of its "
+        "first byte (of the connection's opening, for its first request); past it 408 and "
+        "the connection is closed. The keep-alive timeout between requests is uvicorn's (5 s).",
+    )
+    max_connections: int = Field(
+        default=0,
+        ge=0,
+        description="Open connections one process holds; a request on one past it gets "
+        "503 too_many_connections with Retry-After. 0: the open-files limit less 256.",
+    )
+    sse_keepalive_seconds: float = Field(
+        default=15.0,
+        ge=0,
+        le=3600,
+        description="A stream that has sent nothing for this long (an answer queued or in "
+        "a long prefill) gets an SSE comment line, so that proxies do not cut it; 0: never.",
     )
 
     log_level: str = "info"
@@ -317,6 +358,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"an API key is given twice (users {keys[key]!r}, {user!r})")
             keys[key] = user
         return keys
+
+    @field_validator("operators", mode="before")
+    @classmethod
+    def _parse_operators(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
 
     @field_validator("cors_origins", mode="before")
     @classmethod
@@ -346,6 +394,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"refusing to listen on {self.host} without CHATBOT_API_KEYS: "
                 "the keyless local mode binds to loopback only"
+            )
+        unknown = set(self.operators) - set(self.api_keys.values())
+        if self.api_keys and unknown:
+            raise ValueError(
+                f"CHATBOT_OPERATORS names users no key in CHATBOT_API_KEYS has: {sorted(unknown)}"
             )
         if self.max_tokens > self.max_tokens_limit:
             raise ValueError("CHATBOT_MAX_TOKENS exceeds CHATBOT_MAX_TOKENS_LIMIT")
@@ -380,3 +433,7 @@ class Settings(BaseSettings):
     @property
     def auth_enabled(self) -> bool:
         return bool(self.api_keys)
+
+    def is_operator(self, user: str) -> bool:
+        """Keyless, the one local user runs the server."""
+        return not self.api_keys or user in self.operators

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -15,6 +16,7 @@ from chatbot.api.deps import Services
 from chatbot.api.errors import install_error_handlers
 from chatbot.api.middleware import RequestContextMiddleware, SecurityHeadersMiddleware
 from chatbot.api.routes import cache, conversations, health, openai_compat
+from chatbot.api.server import Drain
 from chatbot.config import Settings
 from chatbot.engines.base import Engine
 from chatbot.engines.factory import create_engine
@@ -33,6 +35,9 @@ def create_app(
     """``engine`` replaces the configured one (tests wrap the real engine to inject faults);
     ``accept_queue`` watches the listening socket, when the caller made it (``chatbot serve``)."""
     metrics = Metrics()
+    # Started by the server when a stop begins (chatbot serve); open streams end at its
+    # deadline with a last event.
+    drain = Drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +74,7 @@ def create_app(
                 tracer=tracer,
                 rate_limiter=RequestRateLimiter(settings.requests_per_minute),
                 accept_queue=accept_queue,
+                drain=drain,
             )
             yield
 
@@ -79,6 +85,7 @@ def create_app(
         "the model has already read is reused.",
         lifespan=lifespan,
     )
+    app.state.drain = drain
     install_error_handlers(app)
     # Outermost last: security headers on every response, CORS headers on every response
     # (a 413 included, so that a browser can read it), then ids, the body limit and metrics.
@@ -100,4 +107,25 @@ def create_app(
     app.include_router(cache.router)
     app.include_router(health.router)
     install_page(app)
+    _state_limits_in_openapi(app, settings)
     return app
+
+
+def _state_limits_in_openapi(app: FastAPI, settings: Settings) -> None:
+    """The schema states this server's own ``max_tokens`` limit, a setting, so that a value
+    the schema allows is one the server takes."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schemas = build().get("components", {}).get("schemas", {})
+            for name in ("MessageCreate", "ChatCompletionRequest"):
+                properties = schemas.get(name, {}).get("properties", {})
+                for field in ("max_tokens", "max_completion_tokens"):
+                    prop = properties.get(field, {})
+                    for branch in prop.get("anyOf", [prop]):
+                        if branch.get("type") == "integer":
+                            branch["maximum"] = settings.max_tokens_limit
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]

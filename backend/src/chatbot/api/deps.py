@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from chatbot.api.server import Drain
 from chatbot.config import LOCAL_USER, Settings
 from chatbot.engines.base import Engine
-from chatbot.models.errors import AuthenticationFailed
+from chatbot.models.errors import AuthenticationFailed, Forbidden
 from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
@@ -32,6 +35,8 @@ class Services:
     rate_limiter: RequestRateLimiter
     accept_queue: AcceptQueue | None = None
     """The listening socket's accept queue, when the app knows its socket."""
+    drain: Drain = field(default_factory=Drain)
+    """Expires when a graceful stop runs out: open streams then end with a last event."""
     key_index: dict[bytes, str] = field(init=False, repr=False)
     """SHA-256 of each API key → its user."""
 
@@ -75,6 +80,42 @@ async def get_current_user(
         raise AuthenticationFailed("the API key is not valid")
     services.rate_limiter.check(user)
     return user
+
+
+_metrics_bearer = HTTPBearer(
+    auto_error=False, description="CHATBOT_METRICS_TOKEN, when the server sets one."
+)
+
+
+async def metrics_reader(
+    services: Annotated[Services, Depends(get_services)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_metrics_bearer)],
+    request: Request,
+) -> None:
+    """/metrics counts every user's activity together: with CHATBOT_METRICS_TOKEN it needs
+    that token; without, it answers loopback clients only (a scraper beside the server)."""
+    token = services.settings.metrics_token
+    if token is not None:
+        offered = credentials.credentials.encode() if credentials else b""
+        if not hmac.compare_digest(_key_digest(offered), _key_digest(token.encode())):
+            raise AuthenticationFailed(
+                "/metrics needs 'Authorization: Bearer <CHATBOT_METRICS_TOKEN>'",
+                code="invalid_metrics_token",
+            )
+        return
+    if not _is_loopback(request.client.host if request.client else ""):
+        raise Forbidden(
+            "/metrics answers loopback clients only; set CHATBOT_METRICS_TOKEN to scrape it "
+            "from elsewhere",
+            code="metrics_loopback_only",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def not_overloaded(services: Annotated[Services, Depends(get_services)]) -> None:

@@ -6,6 +6,7 @@
     ├── InvalidRequest                400 invalid_request_error
     │   └── ContextLengthExceeded     400 invalid_request_error / context_length_exceeded
     ├── AuthenticationFailed          401 authentication_error
+    ├── Forbidden                     403 permission_error
     ├── NotFound                      404 not_found_error
     ├── Conflict                      409 conflict_error
     ├── PayloadTooLarge               413 invalid_request_error / payload_too_large
@@ -49,6 +50,12 @@ class AuthenticationFailed(ChatbotError):
     status = HTTPStatus.UNAUTHORIZED
     type = "authentication_error"
     code = "invalid_api_key"
+
+
+class Forbidden(ChatbotError):
+    status = HTTPStatus.FORBIDDEN
+    type = "permission_error"
+    code = "forbidden"
 
 
 class NotFound(ChatbotError):

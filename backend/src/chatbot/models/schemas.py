@@ -2,15 +2,60 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from chatbot.models.cache import CacheStats, LookupStats
 from chatbot.models.domain import AUTO, AgentName, MessageStatus, Role, Timing, Usage
 
-Title = Annotated[str, Field(min_length=1, max_length=200)]
+# Unicode's control characters (category Cc) but tab, line feed and carriage return. The
+# JSON Schema patterns say the same to clients (ECMA-262 and Python read them alike).
+_CONTROLS = r"\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f"
+TEXT_PATTERN = rf"^[^{_CONTROLS}]*$"
+NON_BLANK_PATTERN = rf"^[^{_CONTROLS}]*[^\s\ufeff{_CONTROLS}][^{_CONTROLS}]*$"
+_CONTROL = re.compile(rf"[{_CONTROLS}]")
+_VISIBLE = re.compile(r"[^\s\ufeff]")
+
+
+def _text(value: str) -> str:
+    """Text a prompt may carry: encodable (no lone surrogate) and free of control
+    characters, which no tokenizer should be handed and no client means to send."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"contains a lone surrogate (U+{ord(value[exc.start]):04X} at {exc.start}), "
+            "which UTF-8 cannot encode"
+        ) from None
+    if control := _CONTROL.search(value):
+        raise ValueError(
+            f"contains the control character U+{ord(control.group()):04X} at "
+            f"{control.start()}; of those only tab, line feed and carriage return are allowed"
+        )
+    return value
+
+
+def _non_blank(value: str) -> str:
+    if not _VISIBLE.search(value):
+        raise ValueError("must not be blank")
+    return value
+
+
+Text = Annotated[
+    str,
+    AfterValidator(_text),
+    Field(json_schema_extra={"pattern": TEXT_PATTERN}),
+]
+"""Any text field of a request: UTF-8 encodable, no control character but tab, LF, CR."""
+
+Title = Annotated[
+    str,
+    Field(min_length=1, max_length=200, json_schema_extra={"pattern": TEXT_PATTERN}),
+    AfterValidator(_text),
+]
 
 
 def _json_integer(value: object) -> object:
@@ -39,6 +84,19 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+_MAX_TOKENS_DOC = (
+    "At most the server's CHATBOT_MAX_TOKENS_LIMIT (the `maximum` here is the running "
+    "server's; more: 400 max_tokens_too_large). Default: CHATBOT_MAX_TOKENS."
+)
+
+MAX_STOP_SEQUENCES = 16
+StopString = Annotated[
+    str,
+    Field(min_length=1, max_length=200, json_schema_extra={"pattern": TEXT_PATTERN}),
+    AfterValidator(_text),
+]
 
 
 # --- native conversation API
@@ -76,17 +134,16 @@ class ConversationList(BaseModel):
 class MessageCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    content: str = Field(min_length=1)
+    content: Annotated[str, AfterValidator(_text), AfterValidator(_non_blank)] = Field(
+        min_length=1,
+        description="Not blank (some character is not white space), no control character "
+        "but tab, line feed and carriage return, at most CHATBOT_MAX_MESSAGE_CHARS "
+        "characters (more: 413 message_too_large).",
+        json_schema_extra={"pattern": NON_BLANK_PATTERN},
+    )
     stream: bool = Field(default=True, strict=True)
-    max_tokens: PositiveInteger | None = None
+    max_tokens: PositiveInteger | None = Field(default=None, description=_MAX_TOKENS_DOC)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
-
-    @field_validator("content")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("content must not be blank")
-        return value
 
 
 class MessageOut(BaseModel):
@@ -121,12 +178,12 @@ class MessageList(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class OpenAIMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -138,23 +195,63 @@ class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, strict=True)
 
 
+UNSUPPORTED_PARAMETERS = (
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+)
+"""Parameters that would change the answer and are not implemented: given a value that asks
+for the feature, 400 unsupported_parameter names them (as vLLM does for a feature it was
+started without), rather than an answer that silently ignores them."""
+
+
+def _asks_for_feature(name: str, value: Any) -> bool:
+    if value is None or value is False or value in ({}, []):
+        return False
+    if name in ("tool_choice", "function_call"):
+        return bool(value != "none")
+    if name == "response_format":
+        return bool(value != {"type": "text"})
+    return True
+
+
 class ChatCompletionRequest(BaseModel):
-    # Unknown sampling knobs (penalties, logit_bias, ...) are accepted and ignored, as
-    # most OpenAI-compatible servers do, so that existing clients keep working.
+    # Other unknown knobs (penalties, ...) are accepted and ignored, as most
+    # OpenAI-compatible servers do, so that existing clients keep working; those in
+    # UNSUPPORTED_PARAMETERS are refused when they ask for their feature.
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     messages: list[OpenAIMessage] = Field(min_length=1)
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    max_tokens: PositiveInteger | None = None
-    max_completion_tokens: PositiveInteger | None = None
+    max_tokens: PositiveInteger | None = Field(default=None, description=_MAX_TOKENS_DOC)
+    max_completion_tokens: PositiveInteger | None = Field(default=None, description=_MAX_TOKENS_DOC)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, strict=True)
-    stop: str | list[str] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_SEQUENCES)] | None = (
+        Field(
+            default=None,
+            description=f"Up to {MAX_STOP_SEQUENCES} strings of 1 to 200 characters; the "
+            "answer ends before the first of them.",
+        )
+    )
     n: Integer = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
     seed: Integer | None = None
-    user: str | None = None
+    user: Annotated[Text, Field(max_length=256)] | None = None
+
+    def unsupported_parameter(self) -> str | None:
+        """The first parameter of ``UNSUPPORTED_PARAMETERS`` that asks for its feature."""
+        extra = self.model_extra or {}
+        return next(
+            (name for name in UNSUPPORTED_PARAMETERS if _asks_for_feature(name, extra.get(name))),
+            None,
+        )
 
 
 class PromptTokensDetails(BaseModel):
@@ -215,6 +312,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmcache-chatbot"
+    max_model_len: int = Field(
+        description="The model's context window in tokens, prompt and answer together "
+        "(as vLLM reports it)."
+    )
 
 
 class ModelList(BaseModel):
@@ -226,6 +327,8 @@ class CacheStatsResponse(BaseModel):
     engine: str
     enabled: bool = Field(description="False when the engine keeps no KV cache of its own.")
     cache: CacheStats | None = Field(
-        description="The whole cache: counters and what each tier holds, for all users."
+        description="The whole cache: counters and what each tier holds, for all users "
+        "together. Shown to operators only (CHATBOT_OPERATORS; keyless, the local user); "
+        "null for everyone else."
     )
     user: LookupStats | None = Field(description="The caller's own lookups and hits.")

@@ -145,13 +145,14 @@ class GenerationService:
             seed=seed,
         )
 
-    def cache_stats(self, user_id: str) -> CacheStatsResponse:
-        """The engine's KV cache as a whole, and the caller's own share of its lookups."""
+    def cache_stats(self, user_id: str, *, whole: bool) -> CacheStatsResponse:
+        """The caller's own share of the KV cache's lookups and, when ``whole``, the cache
+        as a whole (all users' counters: for operators only)."""
         cache = self.engine.cache_stats()
         return CacheStatsResponse(
             engine=self._settings.engine.value,
             enabled=cache is not None,
-            cache=cache,
+            cache=cache if whole else None,
             user=self.engine.user_cache_stats(user_id),
         )
 

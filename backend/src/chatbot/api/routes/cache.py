@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from chatbot.api.deps import CurrentUser, GenerationsDep
+from chatbot.api.deps import CurrentUser, GenerationsDep, SettingsDep
 from chatbot.models.schemas import CacheStatsResponse, ErrorResponse
 
 router = APIRouter(prefix="/v1/cache", tags=["cache"])
@@ -15,7 +15,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse}}
 
 
 @router.get("/stats", responses=_ERRORS)
-async def cache_stats(user: CurrentUser, generations: GenerationsDep) -> CacheStatsResponse:
-    """Counters per tier (live context, RAM, disk), and the caller's own hit rate; other
-    users' lookups are counted in the totals but never shown one by one."""
-    return generations.cache_stats(user)
+async def cache_stats(
+    user: CurrentUser, generations: GenerationsDep, settings: SettingsDep
+) -> CacheStatsResponse:
+    """The caller's own lookups and hits; for an operator (CHATBOT_OPERATORS) also the
+    whole cache: counters per tier (live context, RAM, disk) for all users together, whose
+    changes would otherwise show one user what the others do."""
+    return generations.cache_stats(user, whole=settings.is_operator(user))

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
-from chatbot.api.deps import ConversationsDep, CurrentUser, not_overloaded
+from chatbot.api.deps import ConversationsDep, CurrentUser, ServicesDep, not_overloaded
 from chatbot.api.errors import error_body
-from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
+from chatbot.api.streaming import EventStreamResponse, shutting_down, sse, until_disconnected
 from chatbot.models.domain import Conversation, Message
 from chatbot.models.schemas import (
     ConversationCreate,
@@ -38,7 +38,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _STREAM_DOC = """With `"stream": true` (the default) the answer streams as Server-Sent Events:
 `message.start` `{conversation_id, message_id, agent, route_reason}`, `token` `{delta}`
 (many), then either `message.end` `{message_id, status, content, usage, timing, agent,
-route_reason, source}` or `error` `{error: {type, message, code}}`.
+route_reason, source}` or `error` `{error: {type, message, code}}` (code
+`server_shutting_down` when the server stopped and its drain ran out: the answer is stored
+as far as it got). A stream silent for `CHATBOT_SSE_KEEPALIVE_SECONDS` gets a comment line
+(`: keep-alive`), which SSE clients ignore.
 With `"stream": false` the answer comes back as one JSON message."""
 
 
@@ -113,6 +116,7 @@ async def send_message(
     body: MessageCreate,
     user: CurrentUser,
     conversations: ConversationsDep,
+    services: ServicesDep,
     request: Request,
 ) -> MessageOut | Response:
     turn = await conversations.start_turn(
@@ -124,10 +128,15 @@ async def send_message(
     )
     if body.stream:
         return EventStreamResponse(
-            _sse_events(turn), on_disconnect=turn.cancel, on_close=turn.aclose
+            _sse_events(turn),
+            on_disconnect=turn.cancel,
+            on_close=turn.aclose,
+            drain=services.drain,
+            keepalive_s=services.settings.sse_keepalive_seconds,
+            last_words=[sse("error", error_body(shutting_down()))],
         )
     try:
-        answer = await until_disconnected(request, _answer(turn))
+        answer = await until_disconnected(request, _answer(turn), services.drain)
     finally:
         await turn.aclose()
     if answer is None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 
-from chatbot.api.deps import ServicesDep
+from chatbot.api.deps import ServicesDep, metrics_reader
 from chatbot.models.errors import ServiceUnavailable
+from chatbot.models.schemas import ErrorResponse
 
 router = APIRouter(tags=["operations"])
 
@@ -22,8 +23,25 @@ async def readyz(services: ServicesDep) -> dict[str, str]:
     return {"status": "ready", "model": services.engine.model_id}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[Depends(metrics_reader)],
+    responses={
+        401: {
+            "model": ErrorResponse,
+            "description": "CHATBOT_METRICS_TOKEN is set and the request does not carry it.",
+        },
+        403: {
+            "model": ErrorResponse,
+            "description": "No token is set and the client is not on loopback.",
+        },
+    },
+)
 async def metrics(services: ServicesDep) -> Response:
+    """Prometheus metrics of the whole process, all users together: with
+    CHATBOT_METRICS_TOKEN it needs `Authorization: Bearer <token>`; without, it answers
+    loopback clients only."""
     return Response(
         services.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8"
     )

@@ -6,6 +6,7 @@ engine's prefix cache finds what it has already read.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,12 +14,18 @@ from uuid import uuid4
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from chatbot.api.deps import CurrentUser, GenerationsDep, SettingsDep, not_overloaded
+from chatbot.api.deps import (
+    CurrentUser,
+    GenerationsDep,
+    ServicesDep,
+    SettingsDep,
+    not_overloaded,
+)
 from chatbot.api.errors import error_body
-from chatbot.api.streaming import EventStreamResponse, sse, until_disconnected
+from chatbot.api.streaming import EventStreamResponse, shutting_down, sse, until_disconnected
 from chatbot.engines.base import Finished, TokenDelta
 from chatbot.models.domain import ChatMessage
-from chatbot.models.errors import ChatbotError, EngineFailure, NotFound
+from chatbot.models.errors import ChatbotError, EngineFailure, InvalidRequest, NotFound
 from chatbot.models.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -35,6 +42,7 @@ from chatbot.models.schemas import (
 )
 from chatbot.services.generation import MeteredGeneration
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -45,7 +53,9 @@ _STARTED = int(time.time())
 
 @router.get("/models", responses=_ERRORS)
 async def list_models(_: CurrentUser, generations: GenerationsDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=generations.engine.model_id, created=_STARTED)])
+    engine = generations.engine
+    card = ModelCard(id=engine.model_id, created=_STARTED, max_model_len=engine.context_tokens)
+    return ModelList(data=[card])
 
 
 def _usage(finished: Finished) -> CompletionUsage | None:
@@ -60,9 +70,20 @@ def _usage(finished: Finished) -> CompletionUsage | None:
     )
 
 
+_COMPLETIONS_DOC = """OpenAI's chat completions. Parameters that would change the answer and
+are not implemented (`logit_bias`, `logprobs`, `top_logprobs`, `tools`, `tool_choice`,
+`functions`, `function_call`, `response_format` other than text) are refused with 400
+`unsupported_parameter` naming them; other unknown parameters are ignored. With
+`"stream": true` the chunks stream as Server-Sent Events and end with `data: [DONE]`; an error
+after the stream started comes as one chunk `{error: {type, message, code}}` before
+`[DONE]` (code `server_shutting_down` when the server stopped and its drain ran out). A
+stream silent for `CHATBOT_SSE_KEEPALIVE_SECONDS` gets a comment line (`: keep-alive`)."""
+
+
 @router.post(
     "/chat/completions",
     response_model=ChatCompletion,
+    description=_COMPLETIONS_DOC,
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     dependencies=[Depends(not_overloaded)],
 )
@@ -71,8 +92,14 @@ async def create_chat_completion(
     user: CurrentUser,
     generations: GenerationsDep,
     settings: SettingsDep,
+    services: ServicesDep,
     request: Request,
 ) -> ChatCompletion | Response:
+    if (parameter := body.unsupported_parameter()) is not None:
+        raise InvalidRequest(
+            f"{parameter!r} is not supported by this server; send the request without it",
+            code="unsupported_parameter",
+        )
     model_id = generations.engine.model_id
     if body.model != model_id:
         raise NotFound(
@@ -110,11 +137,16 @@ async def create_chat_completion(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(generation, completion_id, created, model_id, include_usage)
         return EventStreamResponse(
-            chunks, on_disconnect=generation.aclose, on_close=generation.aclose
+            chunks,
+            on_disconnect=generation.aclose,
+            on_close=generation.aclose,
+            drain=services.drain,
+            keepalive_s=settings.sse_keepalive_seconds,
+            last_words=[sse(None, error_body(shutting_down())), sse(None, "[DONE]")],
         )
     try:
         result = await until_disconnected(
-            request, _complete(generation, completion_id, created, model_id)
+            request, _complete(generation, completion_id, created, model_id), services.drain
         )
     finally:
         await generation.aclose()
@@ -178,4 +210,7 @@ async def _chunks(
     except ChatbotError as exc:
         # Headers are sent already: the error travels in the stream, as vLLM's does.
         yield sse(None, error_body(exc))
+    except Exception:
+        logger.exception("a streamed completion failed")
+        yield sse(None, error_body(EngineFailure("the answer failed")))
     yield sse(None, "[DONE]")
