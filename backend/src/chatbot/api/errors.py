@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -55,10 +56,24 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(
             400, "invalid_request_error", "the body is not valid JSON", "invalid_json"
         )
-    first = errors[0] if errors else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    # A value that fits no branch of a union fails each branch: the branch of the value's
+    # own type says what is wrong with it (a stop string too short, not "not a list").
+    fitting = [e for e in errors if not str(e.get("type", "")).endswith("_type")]
+    first = (fitting or errors or [{}])[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if _is_field(p))
     message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg"))
     return error_response(422, "invalid_request_error", message, "validation_error")
+
+
+def _is_field(part: object) -> bool:
+    """A field name or an index in an error's location, not where it sits ("body") nor a
+    validator's or a union branch's tag ("function-after[...]", "list[TextPart]")."""
+    return isinstance(part, int) or (
+        isinstance(part, str) and part != "body" and _FIELD.match(part) is not None
+    )
+
+
+_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -20,9 +20,12 @@ _CONTROL = re.compile(rf"[{_CONTROLS}]")
 _VISIBLE = re.compile(r"[^\s\ufeff]")
 
 
-def _text(value: str) -> str:
+def _text(value: object) -> object:
     """Text a prompt may carry: encodable (no lone surrogate) and free of control
-    characters, which no tokenizer should be handed and no client means to send."""
+    characters, which no tokenizer should be handed and no client means to send. Checked
+    before the string's own validation, which fails on a surrogate with a vaguer message."""
+    if not isinstance(value, str):
+        return value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -46,7 +49,7 @@ def _non_blank(value: str) -> str:
 
 Text = Annotated[
     str,
-    AfterValidator(_text),
+    BeforeValidator(_text),
     Field(json_schema_extra={"pattern": TEXT_PATTERN}),
 ]
 """Any text field of a request: UTF-8 encodable, no control character but tab, LF, CR."""
@@ -54,7 +57,7 @@ Text = Annotated[
 Title = Annotated[
     str,
     Field(min_length=1, max_length=200, json_schema_extra={"pattern": TEXT_PATTERN}),
-    AfterValidator(_text),
+    BeforeValidator(_text),
 ]
 
 
@@ -95,7 +98,7 @@ MAX_STOP_SEQUENCES = 16
 StopString = Annotated[
     str,
     Field(min_length=1, max_length=200, json_schema_extra={"pattern": TEXT_PATTERN}),
-    AfterValidator(_text),
+    BeforeValidator(_text),
 ]
 
 
@@ -134,7 +137,7 @@ class ConversationList(BaseModel):
 class MessageCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    content: Annotated[str, AfterValidator(_text), AfterValidator(_non_blank)] = Field(
+    content: Annotated[str, BeforeValidator(_text), AfterValidator(_non_blank)] = Field(
         min_length=1,
         description="Not blank (some character is not white space), no control character "
         "but tab, line feed and carriage return, at most CHATBOT_MAX_MESSAGE_CHARS "
