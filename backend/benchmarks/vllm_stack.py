@@ -1,0 +1,387 @@
+"""The production model-server stack as processes on loopback: LMCache's multi-process cache
+server, vLLM (its CPU build) with LMCache's ``LMCacheMPConnector``, and vLLM's router.
+
+They run from the model-server virtual environment that ``make vllm`` builds (``.venv-vllm``
+at the repository root), on the bundled model converted to a bf16 Hugging Face folder by
+``deploy/vllm/convert_gguf.py``. The integration tests and the ``vllm`` benchmark start them
+through this module; every process is started in a session of its own, so that stopping it
+also stops what it forked (vLLM's engine core and worker).
+
+Telemetry is off in every process: nothing started here tries to reach outside the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = ROOT / ".venv-vllm"
+CONVERT = ROOT / "deploy" / "vllm" / "convert_gguf.py"
+SHIPPED_TEMPLATE = ROOT / "deploy" / "vllm" / "transcript.jinja"
+SERVED_MODEL = "gemma-3-270m"
+# LMCache's default: KV is stored and found in whole 256-token chunks.
+CHUNK_TOKENS = 256
+MAX_STOP_STRINGS = 16
+
+# Both projects report usage unless told not to; the hub must never be asked for anything.
+QUIET = {
+    "DO_NOT_TRACK": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "LMCACHE_TRACK_USAGE": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "LMCACHE_DISABLE_BANNER": "1",
+}
+
+
+class StackMissing(RuntimeError):
+    """The model-server virtual environment is not there: ``make vllm`` builds it."""
+
+
+def python() -> Path:
+    interpreter = VENV / "bin" / "python"
+    if not interpreter.exists():
+        raise StackMissing(f"{VENV} is missing: run `make vllm` at the repository root")
+    return interpreter
+
+
+def converted_model(gguf: Path) -> Path:
+    """The bf16 folder vLLM serves, converted from ``gguf`` the first time (about 1.5 min)."""
+    folder = gguf.with_name(gguf.name.removesuffix(".gguf") + "-hf-bf16")
+    if not (folder / "conversion.json").exists():
+        subprocess.run(
+            [str(python()), str(CONVERT), str(gguf), str(folder)],
+            env={**os.environ, **QUIET},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return folder
+
+
+def _environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CHATBOT_", "VIRTUAL_ENV"))}
+    env["PATH"] = f"{VENV / 'bin'}:{env.get('PATH', '')}"
+    return env | QUIET | extra
+
+
+@dataclass
+class Process:
+    """One server process with its log file; ``start`` returns once ``ready_url`` answers."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    log: Path
+    ready_url: str
+    ready_timeout: float = 300.0
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                code = self.popen.returncode
+                raise RuntimeError(f"{self.name} exited with {code}:\n{self.tail()}")
+            try:
+                if httpx.get(self.ready_url, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.kill()
+        waited = f"{self.ready_timeout:.0f} s"
+        raise RuntimeError(f"{self.name} was not ready in {waited}:\n{self.tail()}")
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def _signal_group(self, signum: int) -> None:
+        assert self.popen is not None
+        with suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL to the process and everything it forked: nothing of it runs after this."""
+        if self.popen is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL to whatever is left of the group."""
+        if self.popen is None:
+            return
+        if self.popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            with suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=timeout)
+        # Children outlive a parent that exits first; the group's SIGKILL reaches them.
+        self._signal_group(signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of a Prometheus text-format sample's values over the series matching
+    ``labels`` (0 when there is none)."""
+    total = 0.0
+    pattern = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$")
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match is None:
+            continue
+        series = match.group(1) or ""
+        if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+@dataclass
+class LMCacheServer:
+    """``lmcache server``: L1 in RAM and an ``fs`` L2 on disk, which outlives the process."""
+
+    l2_dir: Path
+    log_dir: Path
+    l1_gib: float = 1.0
+    port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    @property
+    def metrics_url(self) -> str:
+        """Its HTTP front end serves the Prometheus text (its OpenTelemetry counters)."""
+        return f"http://127.0.0.1:{self.http_port}/metrics"
+
+    def start(self) -> None:
+        command = [
+            str(python()),
+            "-m",
+            "lmcache.cli.main",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chunk-size",
+            str(CHUNK_TOKENS),
+            "--l1-size-gb",
+            str(self.l1_gib),
+            "--eviction-policy",
+            "LRU",
+            "--l2-adapter",
+            json.dumps({"type": "fs", "base_path": str(self.l2_dir)}),
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
+        ]
+        self.process = Process(
+            "lmcache server",
+            command,
+            _environment(),
+            self.log_dir / "lmcache-server.log",
+            self.metrics_url,
+            ready_timeout=120,
+        )
+        self.process.start()
+
+    def metrics(self) -> str:
+        return httpx.get(self.metrics_url, timeout=10).text
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+        clean_shared_memory()
+
+
+def clean_shared_memory() -> None:
+    """LMCache leaves its shared-memory segments behind when its processes stop."""
+    for segment in Path("/dev/shm").glob("lmcache_kv_*"):
+        segment.unlink(missing_ok=True)
+
+
+@dataclass
+class VllmServer:
+    """vLLM's OpenAI server on the converted model, storing to and loading from ``cache``
+    (None: vLLM alone, its own prefix cache only)."""
+
+    model_dir: Path
+    chat_template: Path
+    log_dir: Path
+    cache: LMCacheServer | None
+    name: str = "vllm"
+    max_model_len: int = 2048
+    # VLLM_CPU_KVCACHE_SPACE, GiB: vLLM's own KV pool. Small pools evict conversations,
+    # which is what LMCache then serves back.
+    kv_cache_gib: float = 1.0
+    port: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [
+            str(python()),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model_dir),
+            "--served-model-name",
+            SERVED_MODEL,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--enforce-eager",
+            "--enable-prompt-tokens-details",
+            "--chat-template",
+            str(self.chat_template),
+            "--seed",
+            "0",
+        ]
+        env = _environment(
+            VLLM_CPU_KVCACHE_SPACE=f"{self.kv_cache_gib:g}",
+            # vLLM's own block hashes and LMCache's keys must not change between processes.
+            PYTHONHASHSEED="0",
+            # The chatbot sends a stop string for each turn start the model could write, six
+            # with their quoted forms; vLLM refuses more than 4 unless told (as OpenAI does).
+            VLLM_MAX_STOP_STRINGS=str(MAX_STOP_STRINGS),
+        )
+        if self.cache is not None:
+            connector = {
+                "kv_connector": "LMCacheMPConnector",
+                "kv_role": "kv_both",
+                "kv_connector_extra_config": {
+                    "lmcache.mp.host": "tcp://127.0.0.1",
+                    "lmcache.mp.port": self.cache.port,
+                },
+            }
+            command += ["--kv-transfer-config", json.dumps(connector)]
+            # Gemma 3's sliding-window and global layers are separate KV groups, which only
+            # the server-driven transfer mode accepts.
+            env["LMCACHE_MP_TRANSFER_MODE"] = "lmcache_driven"
+        self.process = Process(
+            self.name,
+            command,
+            env,
+            self.log_dir / f"{self.name}.log",
+            f"{self.url}/v1/models",
+        )
+        self.process.start()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.url}/metrics", timeout=10).text
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+
+@dataclass
+class Router:
+    """``vllm-router`` in front of vLLM replicas, a consistent hash of ``header``."""
+
+    workers: list[str]
+    header: str
+    log_dir: Path
+    port: int = field(default_factory=free_port)
+    process: Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        command = [
+            str(VENV / "bin" / "vllm-router"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--worker-urls",
+            *self.workers,
+            "--policy",
+            "consistent_hash",
+        ]
+        log = self.log_dir / "router.log"
+        self.process = Process("vllm-router", command, _environment(), log, f"{self.url}/health")
+        self.process.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@contextmanager
+def stack(
+    gguf: Path,
+    work_dir: Path,
+    *,
+    chat_template: Path,
+    lmcache: bool = True,
+    replicas: int = 1,
+    kv_cache_gib: float = 1.0,
+    max_model_len: int = 2048,
+) -> Iterator[tuple[LMCacheServer | None, list[VllmServer]]]:
+    """An LMCache server (when ``lmcache``) and ``replicas`` vLLM servers sharing it, all
+    stopped and their shared memory cleaned on the way out."""
+    model_dir = converted_model(gguf)
+    (work_dir / "l2").mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stop:
+        stop.callback(clean_shared_memory)
+        cache = None
+        if lmcache:
+            cache = LMCacheServer(l2_dir=work_dir / "l2", log_dir=work_dir)
+            stop.callback(cache.stop)
+            cache.start()
+        servers = []
+        for index in range(replicas):
+            server = VllmServer(
+                model_dir=model_dir,
+                chat_template=chat_template,
+                log_dir=work_dir,
+                cache=cache,
+                name=f"vllm-{index}",
+                kv_cache_gib=kv_cache_gib,
+                max_model_len=max_model_len,
+            )
+            stop.callback(server.stop)
+            server.start()
+            servers.append(server)
+        yield cache, servers

@@ -1,0 +1,252 @@
+"""The chatbot's ``openai`` engine against real vLLM with LMCache: streamed turns, the cached
+tokens vLLM reports, a conversation that outlives a vLLM restart (KV from LMCache's RAM tier)
+and a restart of both (KV from LMCache's disk tier), cancellation, and vLLM killed mid-answer.
+
+Every figure asserted here is read from vLLM's or LMCache's own answers and metrics."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from benchmarks.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
+
+from tests.conftest import ALICE_KEY
+from tests.production.conftest import Stack, chatbot_front
+from tests.sse import parse_events
+from tests.waiting import wait_until
+
+# A test that starts vLLM (about a minute on two cores, more when converting the model) may
+# take longer than the suite's 300 s.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+# A turn of the model's own making: the template's role words at a line start.
+INVENTED_TURN = re.compile(r"^\s*(User|Assistant|System)\s*:", re.MULTILINE)
+# About 350 tokens of the user's own text, so that a first prompt spans two or more of
+# LMCache's 256-token chunks.
+NOTES = "My notes on the workshop: " + " ".join(
+    f"Shelf {n} holds {n * 3} widgets, {n + 2} gears and {n * 7} screws." for n in range(1, 21)
+)
+# A question the model answers at length, on one line (hundreds of tokens, where most
+# questions get one short sentence): an answer still being written when a test acts.
+LONG_ANSWER = (
+    "Write the numbers from one to two hundred in words, separated by commas, on one line: "
+    "one, two, three, four, five,"
+)
+
+
+@pytest.fixture(scope="module")
+def front(stack: Stack, docs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from chatbot_front(f"{stack.vllm.url}/v1", tmp_path_factory.mktemp("kv"), docs_dir)
+
+
+def client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE_KEY}"}, timeout=180)
+
+
+def turn(http: httpx.Client, conversation_id: str, content: str, **options: Any) -> dict[str, Any]:
+    """One streamed turn through the native API; the ``message.end`` event's data."""
+    path = f"/v1/conversations/{conversation_id}/messages"
+    with http.stream("POST", path, json={"content": content, **options}) as response:
+        assert response.status_code == 200, response.read()
+        events = list(parse_events(response.iter_lines()))
+    name, data = events[-1]
+    assert name == "message.end", events
+    assert data["status"] == "complete"
+    assert data["content"].strip()
+    # The answer stopped by itself: no turn of the model's invention after it.
+    assert not INVENTED_TURN.search(data["content"]), data["content"]
+    end: dict[str, Any] = data
+    return end
+
+
+def lmcache_counters(stack: Stack) -> dict[str, float]:
+    text = stack.cache.metrics()
+    return {
+        name: metric(text, f"lmcache_mp_{name}_total")
+        for name in (
+            "lookup_hit_tokens",
+            "lookup_hit_l1_tokens",
+            "lookup_hit_l2_tokens",
+            "num_finished_retrieves",
+            "l1_read_chunks",
+            "l2_store_submitted_objects_chunks",
+            "l2_store_completed_objects_chunks",
+        )
+    }
+
+
+def grew(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before[name] for name in before}
+
+
+def external_hits(stack: Stack) -> float:
+    """Prompt tokens vLLM took from its KV connector (LMCache), by vLLM's own count."""
+    return metric(stack.vllm.metrics(), "vllm:external_prefix_cache_hits_total")
+
+
+def test_streamed_turns_relay_the_cached_tokens_of_vllms_prefix_cache(front: str) -> None:
+    with client(front) as alice:
+        assert alice.get("/readyz").json() == {"status": "ready", "model": SERVED_MODEL}
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        one = turn(alice, conversation_id, "What is a widget?")
+        two = turn(alice, conversation_id, "Where is it used?")
+        messages = alice.get(f"/v1/conversations/{conversation_id}/messages").json()["data"]
+    assert one["usage"]["prompt_tokens"] > 128
+    assert two["usage"]["prompt_tokens"] > one["usage"]["prompt_tokens"]
+    # vLLM's prefix cache holds the first prompt in 128-token CPU blocks.
+    assert two["usage"]["cached_tokens"] >= one["usage"]["prompt_tokens"] // 128 * 128 > 0
+    assert two["usage"]["cached_tokens"] % 128 == 0
+    assert [(m["role"], m["status"]) for m in messages] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+    ] * 2
+
+
+def test_the_official_openai_client_through_the_chatbot(front: str) -> None:
+    with openai.OpenAI(base_url=f"{front}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
+        messages: list[Any] = [{"role": "user", "content": "Name a colour."}]
+        usages = []
+        for _ in range(2):
+            stream = sdk.chat.completions.create(
+                model=SERVED_MODEL,
+                messages=messages,
+                stream=True,
+                max_tokens=16,
+                temperature=0,
+                stream_options={"include_usage": True},
+            )
+            chunks = list(stream)
+            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert answer.strip()
+            assert not INVENTED_TURN.search(answer), answer
+            usage = chunks[-1].usage
+            assert usage is not None
+            usages.append(usage)
+            messages += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And another one?"},
+            ]
+    details = usages[1].prompt_tokens_details
+    assert details is not None
+    assert details.cached_tokens is not None
+    assert details.cached_tokens >= usages[0].prompt_tokens // 128 * 128 > 0
+
+
+def test_a_client_that_hangs_up_aborts_the_vllm_request(stack: Stack, front: str) -> None:
+    def running() -> float:
+        return metric(stack.vllm.metrics(), "vllm:num_requests_running")
+
+    def finished() -> float:
+        """Requests vLLM ran to their end (a stop, the length limit); an abort is not one."""
+        return metric(stack.vllm.metrics(), "vllm:request_success_total")
+
+    with client(front) as alice:
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        path = f"/v1/conversations/{conversation_id}/messages"
+        body = {"content": LONG_ANSWER, "max_tokens": 400}
+        before = finished()
+        with alice.stream("POST", path, json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("event: token"):
+                    break
+            assert running() == 1  # the answer is being generated as the client leaves
+        wait_until(lambda: running() == 0)
+        wait_until(lambda: alice.get(path).json()["data"][-1]["status"] == "cancelled")
+    assert finished() == before  # vLLM dropped the request rather than finishing it
+
+
+def test_a_conversation_goes_on_after_vllm_restarts_with_its_kv_from_lmcache(
+    stack: Stack, front: str
+) -> None:
+    with client(front) as alice:
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        first = turn(alice, conversation_id, f"{NOTES} What is a widget made of?")
+        stack.vllm.restart()  # vLLM's own prefix cache is gone; LMCache's server is not
+        assert external_hits(stack) == 0
+        before = lmcache_counters(stack)
+        second = turn(alice, conversation_id, "Who makes them?")
+        after = lmcache_counters(stack)
+    cached = second["usage"]["cached_tokens"]
+    stored_chunks = first["usage"]["prompt_tokens"] // CHUNK_TOKENS
+    # At least every whole chunk of the first prompt came back from LMCache.
+    assert stored_chunks >= 1
+    assert cached >= stored_chunks * CHUNK_TOKENS
+    # The three counts agree: what the chatbot relayed, what vLLM took from its connector,
+    # what LMCache found and sent.
+    assert external_hits(stack) == cached
+    delta = grew(before, after)
+    assert delta["lookup_hit_tokens"] >= cached
+    assert delta["lookup_hit_l1_tokens"] >= cached
+    assert delta["num_finished_retrieves"] >= 1
+    assert delta["l1_read_chunks"] * CHUNK_TOKENS >= cached
+
+
+def test_a_conversation_goes_on_from_lmcaches_disk_tier_after_both_restart(
+    stack: Stack, front: str
+) -> None:
+    with client(front) as alice:
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        first = turn(alice, conversation_id, f"{NOTES} Which shelf has the most gears?")
+        # The disk writes are asynchronous: stop nothing before they are done.
+        wait_until(
+            lambda: (
+                (c := lmcache_counters(stack))["l2_store_completed_objects_chunks"]
+                == c["l2_store_submitted_objects_chunks"]
+            ),
+            timeout=30,
+        )
+        stack.vllm.stop()
+        stack.cache.stop()  # L1 (RAM) is gone with it; the fs L2 folder stays
+        stack.cache.start()
+        stack.vllm.start()
+        second = turn(alice, conversation_id, "How long do they last?")
+        counters = lmcache_counters(stack)  # a new process: its counters start at zero
+    cached = second["usage"]["cached_tokens"]
+    assert cached >= first["usage"]["prompt_tokens"] // CHUNK_TOKENS * CHUNK_TOKENS > 0
+    assert external_hits(stack) == cached
+    assert counters["lookup_hit_l2_tokens"] >= cached
+    assert counters["num_finished_retrieves"] >= 1
+
+
+def test_vllm_killed_mid_answer(stack: Stack, front: str) -> None:
+    """SIGKILL to vLLM and its engine mid-stream: an ``error`` event, the conversation keeps
+    every earlier message and the failed answer, and the next message is a quick 503 with
+    ``Retry-After``. Runs last: it leaves vLLM down."""
+    process = stack.vllm.process
+    assert process is not None
+    with client(front) as alice:
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        turn(alice, conversation_id, "What is a widget?")
+        path = f"/v1/conversations/{conversation_id}/messages"
+        events = []
+        body = {"content": LONG_ANSWER, "max_tokens": 400}
+        with alice.stream("POST", path, json=body) as response:
+            for event in parse_events(response.iter_lines()):
+                events.append(event)
+                if event[0] == "token" and process.running:
+                    stack.vllm.kill()
+        name, error = events[-1]
+        assert name == "error", events
+        assert error["error"]["code"] == "engine_failed"
+        messages = alice.get(path).json()["data"]
+        assert [(m["role"], m["status"]) for m in messages] == [
+            ("user", "complete"),
+            ("assistant", "complete"),
+            ("user", "complete"),
+            ("assistant", "failed"),
+        ]
+        started = time.monotonic()
+        refused = alice.post(path, json={"content": "Are you there?"})
+        waited = time.monotonic() - started
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "engine_unreachable"
+        assert int(refused.headers["retry-after"]) > 0
+        assert waited < 5, "a server that is down must be refused, not waited for"
+        assert len(alice.get(path).json()["data"]) == 4
