@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from chatbot.engines import chat_format
 from chatbot.engines.base import Finished, GenerationRequest, SamplingParams, TokenDelta
 from chatbot.engines.openai import OpenAIEngine, affinity_key
 from chatbot.models.domain import ChatMessage
@@ -219,5 +220,6 @@ async def test_the_transcript_stops_go_with_every_request_before_the_callers_own
     )
     await run(transport, with_stops)
     plain, merged = (json.loads(r.content)["stop"] for r in transport.requests)
-    assert plain == ["\nUser:", "\nAssistant:", "\nSystem:"]
-    assert merged == ["\nUser:", "\nAssistant:", "\nSystem:", "END"]
+    assert plain == list(chat_format.STOPS)
+    assert "\nUser:" in plain
+    assert merged == [*chat_format.STOPS, "END"]

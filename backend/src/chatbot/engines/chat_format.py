@@ -26,13 +26,14 @@ from chatbot.models.domain import ChatMessage
 USER_PREFIX = "User:"
 ASSISTANT_PREFIX = "Assistant:"
 SYSTEM_PREFIX = "System:"
-STOPS = ("\nUser:", "\nAssistant:", "\nSystem:")
-"""Where the model starts a turn of its own: its answer ends there."""
-
 ROLE_WORDS = ("user", "assistant", "system")
 QUOTE = "> "
 """Put before a content line that reads as a turn: it is then a quoted line of the turn
 that contains it."""
+TURNS = (USER_PREFIX, ASSISTANT_PREFIX, SYSTEM_PREFIX)
+STOPS = tuple(f"\n{quote}{turn}" for quote in ("", QUOTE) for turn in TURNS)
+"""Where the model starts a turn of its own, or copies a quoted one from its context (a base
+model does): its answer ends there."""
 
 FEW_SHOT: tuple[tuple[str, str], ...] = (
     ("Hi! Who are you?", "Hello! I am an AI assistant. How can I help you today?"),
