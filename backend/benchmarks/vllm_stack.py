@@ -235,9 +235,12 @@ class VllmServer:
     cache: LMCacheServer | None
     name: str = "vllm"
     max_model_len: int = 2048
-    # VLLM_CPU_KVCACHE_SPACE, GiB: vLLM's own KV pool. Small pools evict conversations,
-    # which is what LMCache then serves back.
-    kv_cache_gib: float = 1.0
+    # VLLM_CPU_KVCACHE_SPACE, whole GiB: vLLM's own KV pool (about 58k tokens a GiB for this
+    # model, 18 KiB a token).
+    kv_cache_gib: int = 1
+    # --num-gpu-blocks-override: a pool of this many 128-token blocks instead, small enough
+    # that conversations are evicted from vLLM, which is what LMCache then serves back.
+    kv_blocks: int | None = None
     port: int = field(default_factory=free_port)
     process: Process | None = None
 
@@ -267,8 +270,10 @@ class VllmServer:
             "--seed",
             "0",
         ]
+        if self.kv_blocks is not None:
+            command += ["--num-gpu-blocks-override", str(self.kv_blocks)]
         env = _environment(
-            VLLM_CPU_KVCACHE_SPACE=f"{self.kv_cache_gib:g}",
+            VLLM_CPU_KVCACHE_SPACE=str(self.kv_cache_gib),
             # vLLM's own block hashes and LMCache's keys must not change between processes.
             PYTHONHASHSEED="0",
             # The chatbot sends a stop string for each turn start the model could write, six
@@ -315,12 +320,14 @@ class VllmServer:
 
 @dataclass
 class Router:
-    """``vllm-router`` in front of vLLM replicas, a consistent hash of ``header``."""
+    """``vllm-router --policy consistent_hash`` in front of vLLM replicas: it hashes the
+    first of ``X-Session-ID``, ``X-User-ID``, ... that a request carries onto the healthy
+    workers, so the chatbot's affinity header must be ``x-session-id``."""
 
     workers: list[str]
-    header: str
     log_dir: Path
     port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
     process: Process | None = None
 
     @property
@@ -338,6 +345,15 @@ class Router:
             *self.workers,
             "--policy",
             "consistent_hash",
+            # A stopped replica leaves the ring within about a second, not the default minute.
+            "--health-check-interval-secs",
+            "1",
+            "--health-failure-threshold",
+            "1",
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            str(self.metrics_port),
         ]
         log = self.log_dir / "router.log"
         self.process = Process("vllm-router", command, _environment(), log, f"{self.url}/health")
@@ -356,7 +372,8 @@ def stack(
     chat_template: Path,
     lmcache: bool = True,
     replicas: int = 1,
-    kv_cache_gib: float = 1.0,
+    kv_cache_gib: int = 1,
+    kv_blocks: int | None = None,
     max_model_len: int = 2048,
 ) -> Iterator[tuple[LMCacheServer | None, list[VllmServer]]]:
     """An LMCache server (when ``lmcache``) and ``replicas`` vLLM servers sharing it, all
@@ -379,6 +396,7 @@ def stack(
                 cache=cache,
                 name=f"vllm-{index}",
                 kv_cache_gib=kv_cache_gib,
+                kv_blocks=kv_blocks,
                 max_model_len=max_model_len,
             )
             stop.callback(server.stop)
