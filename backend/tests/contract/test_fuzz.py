@@ -4,6 +4,10 @@ declared, content type, body schema, auth enforced), event streams included.
 
 Deterministic (derandomised), and sized to run in about a minute on two cores: answers are
 at most 8 tokens and messages at most 200 characters.
+
+Then strings and numbers of our own on both APIs (lone surrogates, control characters, numbers
+out of every range, NaN): always a 4xx with a JSON error or a whole answer, never a 5xx and
+never a stream that starts and then dies.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema_rs
 import pytest
 import schemathesis
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import Case, CheckContext, GenerationMode, Response
 
 from chatbot.api.app import create_app
@@ -266,3 +273,129 @@ def test_the_fuzzer_covers_every_operation_of_the_contract() -> None:
         (result.ok().method.upper(), result.ok().path) for result in schema.get_all_operations()
     }
     assert fuzzed == operations
+
+
+# --- the strings and numbers an attacker or a careless client sends, on both APIs. The
+# contract's own generation never makes them (its patterns exclude control characters, and
+# JSON Schema cannot describe a lone surrogate), so they are drawn here.
+
+_SURROGATES = st.characters(categories=["Cs"])
+_CONTROLS = st.characters(categories=["Cc"], exclude_characters="\t\n\r")
+_BAD_TEXT = st.tuples(st.text(max_size=8), st.one_of(_SURROGATES, _CONTROLS), st.text(max_size=8))
+BAD_TEXT = _BAD_TEXT.map("".join)
+"""Text with at least one lone surrogate or control character: always refused, 422."""
+HUGE_NUMBERS = st.one_of(
+    st.integers(min_value=2**31),
+    st.integers(max_value=-(2**31)),
+    st.sampled_from([0, -1, 2**63, 2**64, 10**40]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)
+"""Numbers out of every range, NaN and infinities (which Python writes as bare NaN, not
+JSON: 400 invalid_json)."""
+NATIVE_NUMBER_FIELDS = ["max_tokens", "temperature"]
+OPENAI_NUMBER_FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "seed"]
+OPENAI_TEXT_FIELDS = ["content", "parts", "model", "stop", "stop_list", "user", "system"]
+
+
+def _post(server: LiveServer, path: str, body: dict[str, Any]) -> httpx.Response:
+    # ensure_ascii: a lone surrogate travels as its \\u escape, as a client's JSON would
+    # carry it; allow_nan: NaN and Infinity go out as the bare words some encoders write.
+    text = json.dumps(body, ensure_ascii=True, allow_nan=True)
+    with server.client() as client:
+        return client.post(path, content=text, headers={"Content-Type": "application/json"})
+
+
+def _refused_cleanly(response: httpx.Response, expected: set[int]) -> None:
+    assert response.status_code in expected, response.text
+    assert response.headers["content-type"] == "application/json", response.text
+    _valid(_ERROR, response.json(), "an error")
+
+
+def _ended_cleanly(response: httpx.Response, path: str) -> None:
+    """A 200 is a whole answer: a stream that started ends as the contract says."""
+    assert response.status_code == 200, response.text
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        return
+    events = list(parse_events([*response.text.splitlines(), ""]))
+    if path == "/v1/chat/completions":
+        assert events[-1] == ("message", "[DONE]")
+    else:
+        assert events[-1][0] in ("message.end", "error")
+
+
+_FUZZ = settings(
+    max_examples=30,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@_FUZZ
+@given(content=BAD_TEXT, stream=st.booleans())
+def test_bad_text_is_422_on_the_native_api(
+    fuzz_server: LiveServer, content: str, stream: bool
+) -> None:
+    with fuzz_server.client() as client:
+        conversation = client.post("/v1/conversations", json={}).json()["id"]
+    path = f"/v1/conversations/{conversation}/messages"
+    _refused_cleanly(_post(fuzz_server, path, {"content": content, "stream": stream}), {422})
+    _refused_cleanly(_post(fuzz_server, "/v1/conversations", {"title": content}), {422})
+
+
+@_FUZZ
+@given(field=st.sampled_from(OPENAI_TEXT_FIELDS), text=BAD_TEXT, stream=st.booleans())
+def test_bad_text_in_any_field_is_422_on_the_openai_api(
+    fuzz_server: LiveServer, field: str, text: str, stream: bool
+) -> None:
+    body: dict[str, Any] = {
+        "model": fuzz_server.services.engine.model_id,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    if field == "content":
+        body["messages"][0]["content"] = text
+    elif field == "parts":
+        body["messages"][0]["content"] = [{"type": "text", "text": text}]
+    elif field == "system":
+        body["messages"].insert(0, {"role": "system", "content": text})
+    elif field == "stop_list":
+        body["stop"] = ["ok", text]
+    else:
+        body[field] = text
+    _refused_cleanly(_post(fuzz_server, "/v1/chat/completions", body), {422})
+
+
+@_FUZZ
+@given(field=st.sampled_from(NATIVE_NUMBER_FIELDS), number=HUGE_NUMBERS)
+def test_huge_numbers_never_5xx_on_the_native_api(
+    fuzz_server: LiveServer, field: str, number: float
+) -> None:
+    with fuzz_server.client() as client:
+        conversation = client.post("/v1/conversations", json={}).json()["id"]
+    path = f"/v1/conversations/{conversation}/messages"
+    response = _post(fuzz_server, path, {"content": "Hi", "stream": True, field: number})
+    if response.status_code == 200:
+        _ended_cleanly(response, path)
+    else:
+        _refused_cleanly(response, {400, 422})
+
+
+@_FUZZ
+@given(field=st.sampled_from(OPENAI_NUMBER_FIELDS), number=HUGE_NUMBERS, stream=st.booleans())
+def test_huge_numbers_never_5xx_on_the_openai_api(
+    fuzz_server: LiveServer, field: str, number: float, stream: bool
+) -> None:
+    body = {
+        "model": fuzz_server.services.engine.model_id,
+        "stream": stream,
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "Hi"}],
+        field: number,
+    }
+    response = _post(fuzz_server, "/v1/chat/completions", body)
+    if response.status_code == 200:
+        _ended_cleanly(response, "/v1/chat/completions")
+    else:
+        _refused_cleanly(response, {400, 422})

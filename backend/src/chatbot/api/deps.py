@@ -82,22 +82,18 @@ async def get_current_user(
     return user
 
 
-_metrics_bearer = HTTPBearer(
-    auto_error=False, description="CHATBOT_METRICS_TOKEN, when the server sets one."
-)
-
-
 async def metrics_reader(
-    services: Annotated[Services, Depends(get_services)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_metrics_bearer)],
-    request: Request,
+    services: Annotated[Services, Depends(get_services)], request: Request
 ) -> None:
     """/metrics counts every user's activity together: with CHATBOT_METRICS_TOKEN it needs
-    that token; without, it answers loopback clients only (a scraper beside the server)."""
+    that token; without, it answers loopback clients only (a scraper beside the server).
+    The header is read here, not declared as a security scheme: the schema would then say
+    /metrics always needs one."""
     token = services.settings.metrics_token
     if token is not None:
-        offered = credentials.credentials.encode() if credentials else b""
-        if not hmac.compare_digest(_key_digest(offered), _key_digest(token.encode())):
+        scheme, _, offered = request.headers.get("authorization", "").partition(" ")
+        presented = offered.strip().encode() if scheme.lower() == "bearer" else b""
+        if not hmac.compare_digest(_key_digest(presented), _key_digest(token.encode())):
             raise AuthenticationFailed(
                 "/metrics needs 'Authorization: Bearer <CHATBOT_METRICS_TOKEN>'",
                 code="invalid_metrics_token",
