@@ -15,7 +15,7 @@ from tests.deploy_files import (
 
 
 def served_families(live_server: LiveServer) -> dict[str, str]:
-    # /metrics needs no key: Prometheus scrapes it without one.
+    # /metrics needs no API key; from loopback, without CHATBOT_METRICS_TOKEN, no token either.
     response = httpx.get(f"{live_server.url}/metrics", timeout=30)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
