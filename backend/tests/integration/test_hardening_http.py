@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.processes import ChatbotProcess, chatbot_process
+from tests.processes import ALICE_KEY, ChatbotProcess, chatbot_process
 
 pytestmark = pytest.mark.model
 
@@ -100,15 +100,22 @@ def test_a_connection_that_sends_nothing_is_closed_within_the_receive_timeout(
     assert closed_after < RECEIVE_TIMEOUT_S + 1.5
 
 
-def test_a_slow_body_is_cut_off_too(server: ChatbotProcess) -> None:
-    with connect(server) as sock:
-        sock.sendall(
-            b"POST /v1/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 100\r\n\r\n{"
-        )
-        status, _, body, closed_after = read_response(sock)
+def test_a_slow_body_is_cut_off_and_its_part_never_handled(server: ChatbotProcess) -> None:
+    with server.client() as client:
+        before = len(client.get("/v1/conversations", params={"limit": 100}).json()["data"])
+        with connect(server) as sock:
+            # "{}" is a whole JSON body: were the part that came taken for the body, a
+            # conversation would be created.
+            sock.sendall(
+                b"POST /v1/conversations HTTP/1.1\r\nHost: x\r\n"
+                b"Authorization: Bearer " + ALICE_KEY.encode() + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}"
+            )
+            status, _, body, closed_after = read_response(sock)
+        after = len(client.get("/v1/conversations", params={"limit": 100}).json()["data"])
     assert status == 408, body
     assert closed_after < RECEIVE_TIMEOUT_S + 1.5
+    assert after == before
 
 
 def test_an_oversized_header_is_refused_with_431(server: ChatbotProcess) -> None:

@@ -31,6 +31,13 @@ PAGE_CSP = (
 only. Give it with ``ResponseHeaders`` around a static mount, or as a route's header."""
 
 
+async def _gone() -> Message:
+    return {"type": "http.disconnect"}
+
+
+_GONE: Receive = _gone
+
+
 class RequestContextMiddleware:
     """Gives every request an id (``X-Request-ID``), refuses bodies over ``max_body_bytes``
     with 413 before the app reads them, counts requests by route and status, and logs one
@@ -68,7 +75,11 @@ class RequestContextMiddleware:
 
         try:
             body_receive = await self._read_body(headers, receive)
-            if body_receive is None:
+            if body_receive is _GONE:
+                # The client went (or was cut off) before its body arrived: a part of a
+                # body is never handed to the app as if it were all of it.
+                status = 499
+            elif body_receive is None:
                 await self._error(
                     send_with_id,
                     413,
@@ -101,7 +112,8 @@ class RequestContextMiddleware:
             request_id.reset(token)
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> Receive | None:
-        """Reads the whole body (bounded) and replays it; None if it is too large."""
+        """Reads the whole body (bounded) and replays it; None if it is too large, _GONE
+        if the client disconnected before it ended."""
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self._max_body_bytes:
             return None
@@ -110,7 +122,7 @@ class RequestContextMiddleware:
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                return _GONE
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self._max_body_bytes:

@@ -105,6 +105,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 if self._head_bytes > self.limits.max_head_bytes:
                     self._refuse(self._head_too_large())
         except httptools.HttpParserUpgrade:
+            self._disarm_receive_timer()  # the connection is another protocol's now
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
