@@ -1,5 +1,6 @@
 """Clean endings: a stop whose drain runs out ends every open stream with a last event (native:
-``error`` server_shutting_down; OpenAI: an error chunk, then ``[DONE]``) instead of a cut; a
+``error`` server_shutting_down; OpenAI: an error chunk, then ``[DONE]``) instead of a cut, and
+a non-streamed answer with 503 server_shutting_down; a
 silent stream gets keep-alive comments that clients skip; a new message right after a Stop
 waits for the stopped turn instead of getting 409."""
 
@@ -78,13 +79,25 @@ def test_past_the_drain_each_open_stream_ends_with_a_last_event(
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 _read(response, lines["openai"], started["openai"])
 
+    answers: list[httpx.Response] = []
+
+    def not_streamed() -> None:
+        with slow_server.client() as client:
+            conversation = new_conversation(client, agent="assistant")
+            answers.append(
+                client.post(
+                    f"/v1/conversations/{conversation}/messages",
+                    json={"content": LONG_ANSWER, "max_tokens": 400, "stream": False},
+                )
+            )
+
     def run(target: Any) -> None:
         try:
             target()
         except BaseException as exc:  # a cut stream raises here: the test reports it
             failures.append(exc)
 
-    threads = [threading.Thread(target=run, args=(f,)) for f in (native, completions)]
+    threads = [threading.Thread(target=run, args=(f,)) for f in (native, completions, not_streamed)]
     for thread in threads:
         thread.start()
     for event in started.values():
@@ -117,6 +130,9 @@ def test_past_the_drain_each_open_stream_ends_with_a_last_event(
     assert openai_events[-1] == ("message", "[DONE]")
     assert openai_events[-2][1]["error"]["code"] == "server_shutting_down"
     assert not any(c.get("finish_reason") for _, d in openai_events[:-2] for c in d["choices"])
+    # A non-streamed answer cut by the drain is a 503 that says why.
+    assert answers[0].status_code == 503
+    assert answers[0].json()["error"]["code"] == "server_shutting_down"
     assert slow_server.process.wait(timeout=60) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in slow_server.logs()
     assert "Cancel" not in slow_server.logs()  # uvicorn had nothing left to cancel
