@@ -697,6 +697,28 @@ def openai_bench(
     return result
 
 
+@app.command("vllm")
+def vllm_command(
+    users: Annotated[int, typer.Option(help="Simulated users.")] = 6,
+    rounds: Annotated[int, typer.Option(help="Questions per user.")] = 4,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 24,
+    kv_blocks: Annotated[
+        int,
+        typer.Option(
+            help="vLLM's KV pool, in blocks: Gemma 3's six KV groups share them, so about 110 "
+            "hold one 2,048-token prompt, and 128 about 2,400 tokens, a few users' worth."
+        ),
+    ] = 128,
+    embedded: Annotated[bool, typer.Option(help="Also run the embedded engine.")] = True,
+) -> dict[str, Any]:
+    """The multi-round workload against vLLM (CPU build) alone and with LMCache, the chatbot
+    in front of each, and the embedded engine, in one run (see benchmarks/vllm_bench.py).
+    Needs `make vllm`; about 5 vLLM starts of a minute each on 2 cores."""
+    from benchmarks.vllm_bench import vllm_bench
+
+    return vllm_bench(users, rounds, answer_tokens, kv_blocks, embedded)
+
+
 _LOAD_SCENARIOS: dict[str, dict[str, Any]] = {
     # (a) users with open conversations, each sending a message after a think time; at 30 s
     # one process on 2 cores holds about 3,000 of them (README), so 10,000 think for 120 s

@@ -238,8 +238,9 @@ class VllmServer:
     # VLLM_CPU_KVCACHE_SPACE, whole GiB: vLLM's own KV pool (about 58k tokens a GiB for this
     # model, 18 KiB a token).
     kv_cache_gib: int = 1
-    # --num-gpu-blocks-override: a pool of this many 128-token blocks instead, small enough
-    # that conversations are evicted from vLLM, which is what LMCache then serves back.
+    # --num-gpu-blocks-override: a pool of this many blocks instead, small enough that
+    # conversations are evicted from vLLM, which is what LMCache then serves back. Gemma 3's
+    # KV groups share the pool: about 110 blocks hold one 2,048-token prompt.
     kv_blocks: int | None = None
     port: int = field(default_factory=free_port)
     process: Process | None = None
