@@ -12,9 +12,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 from llama_cpp.llama_cache import LlamaDiskCache, LlamaRAMCache
 
-from chatbot.engines.embedded import LlamaRunner
+from chatbot.engines.llama_context import BatchItem, LlamaContext
 from chatbot.kvcache.tiers import DiskTier, EntryMeta
 
 
@@ -27,20 +28,31 @@ def _timed(action: Callable[[], object], repeat: int = 3) -> float:
     return round(statistics.median(times), 1)
 
 
+def _prefill(context: LlamaContext, tokens: list[int]) -> None:
+    context.clear(0)
+    for start in range(0, len(tokens), context.batch_tokens):
+        chunk = tokens[start : start + context.batch_tokens]
+        context.decode([BatchItem(t, start + i, 0, False) for i, t in enumerate(chunk)])
+
+
 def measure(model_path: Path, lengths: list[int]) -> list[dict[str, Any]]:
-    runner = LlamaRunner(model_path, context_tokens=4096, batch_tokens=512, threads=2)
-    llm = runner._llm  # the benchmark compares against the Llama object's own API
+    ours = LlamaContext(model_path, sequences=1, pool_tokens=4096, batch_tokens=512, threads=2)
+    # The Llama object's own API, which llama-cpp-python's caches use.
+    llm: Any = llama_cpp.Llama(
+        model_path=str(model_path), n_ctx=4096, n_threads=2, swa_full=True, verbose=False
+    )
     text = " ".join(f"Sentence number {i} talks about hiking gear." for i in range(600))
-    all_tokens = [llm.token_bos(), *llm.tokenize(text.encode(), add_bos=False)]
+    all_tokens = [ours.bos(), *ours.tokenize(text)]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for n in lengths:
             tokens = all_tokens[:n]
-            runner.clear()
+            _prefill(ours, tokens)
+            payload = ours.export_state(0)
+            ours_save = _timed(partial(ours.export_state, 0))
+            ours_load = _timed(partial(ours.import_state, 0, payload))
+            llm.reset()
             llm.eval(tokens)
-            payload = runner.export_state()
-            ours_save = _timed(runner.export_state)
-            ours_load = _timed(partial(runner.import_state, payload, tokens))
             disk = DiskTier(Path(folder) / f"ours-{n}", budget_bytes=2**34)
             meta = EntryMeta(f"e{n}", tokens, 0, b"")
             ours_disk_put = _timed(partial(disk.put, meta, payload), repeat=1)
@@ -74,5 +86,6 @@ def measure(model_path: Path, lengths: list[int]) -> list[dict[str, Any]]:
                 }
             )
             del ram, disk_cache
-    runner.close()
+    ours.close()
+    llm.close()
     return rows

@@ -48,6 +48,10 @@ def make_settings(model_path: Path | None, kv_dir: Path, **overrides: object) ->
         "api_keys": f"{ALICE_KEY}=alice,{BOB_KEY}=bob,{CAROL_KEY}=carol,{DAVE_KEY}=dave",
         "operators": "carol",  # sees the whole cache's counters; the others their own
         "context_tokens": 4096,
+        # One sequence: a conversation loses it to the next one and comes back from RAM,
+        # which the tier tests count on; tests/integration/test_batching.py runs several.
+        "parallel": 1,
+        "kv_pool_tokens": 8192,
         "max_tokens": 32,
         "temperature": 0.0,
         "queue_size": 1,

@@ -113,7 +113,27 @@ class Settings(BaseSettings):
     )
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     context_tokens: int = Field(default=8192, ge=512, le=131072)
-    batch_tokens: int = Field(default=512, ge=32, le=8192)
+    batch_tokens: int = Field(
+        default=512,
+        ge=32,
+        le=8192,
+        description="Tokens the embedded engine evaluates per step: one for each answering "
+        "sequence, the rest for prompt chunks of those being admitted.",
+    )
+    parallel: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Requests the embedded engine answers at once, each on its own sequence "
+        "of one llama.cpp context (continuous batching); more wait in its queue.",
+    )
+    kv_pool_tokens: int = Field(
+        default=16384,
+        ge=512,
+        le=1048576,
+        description="KV cells of the embedded engine's context, shared by all its sequences "
+        "(about 18 KiB each for the bundled model); at least CONTEXT_TOKENS.",
+    )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     prefix_cache: bool = Field(
         default=True,
@@ -402,6 +422,11 @@ class Settings(BaseSettings):
             )
         if self.max_tokens > self.max_tokens_limit:
             raise ValueError("CHATBOT_MAX_TOKENS exceeds CHATBOT_MAX_TOKENS_LIMIT")
+        if self.kv_pool_tokens < self.context_tokens:
+            raise ValueError(
+                "CHATBOT_KV_POOL_TOKENS must be at least CHATBOT_CONTEXT_TOKENS: the pool "
+                "holds every sequence, one of them as long as the context"
+            )
         if self.docs_dir is not None and not self.docs_dir.is_dir():
             raise ValueError(f"CHATBOT_DOCS_DIR {self.docs_dir} is not a folder")
         if bool(self.langfuse_public_key) != bool(self.langfuse_secret_key):

@@ -64,9 +64,9 @@ def test_second_turn_reuses_the_first_turns_kv_cache(live_server: LiveServer) ->
     with live_server.client() as client:
         conversation_id = new_conversation(client)
         first = stream_turn(client, conversation_id, "Name a large animal.")[-1][1]
-        computed_before = engine(live_server).runner.evaluated_tokens()
+        computed_before = engine(live_server).context.evaluated_tokens()
         second = stream_turn(client, conversation_id, "Where does it live?")[-1][1]
-        computed_after = engine(live_server).runner.evaluated_tokens()
+        computed_after = engine(live_server).context.evaluated_tokens()
         stored = client.get(f"/v1/conversations/{conversation_id}/messages").json()["data"]
 
     usage1, usage2 = first["usage"], second["usage"]

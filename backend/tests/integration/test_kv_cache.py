@@ -1,111 +1,14 @@
-"""The tiered KV cache on the real model: a state brought back from RAM or from disk
-continues exactly as a cold prefill of the same prompt would, and over HTTP each answer
-says which tier served it, while one user's content never serves another."""
+"""The tiered KV cache over HTTP on the real model: each answer says which tier served it,
+and one user's content never serves another. (That a state from RAM or disk continues
+exactly as a cold prefill would is tested in test_batching.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import httpx
-import pytest
 
-from chatbot.engines import chat_format
-from chatbot.engines.base import SamplingParams
-from chatbot.engines.embedded import LlamaRunner, state_namespace
-from chatbot.kvcache import KVCache, PromptKey, owner_digest
-from chatbot.models.cache import CacheTier
-from chatbot.models.domain import ChatMessage, Usage
 from tests.conftest import BOB_KEY, CAROL_KEY, DAVE_KEY, LiveServer
 from tests.integration.test_conversation_api import new_conversation, stream_turn
 from tests.prompts import public_tokens
-
-GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0)
-SYSTEM = ChatMessage(role="system", content="You are a helpful assistant.")
-QUESTION = ChatMessage(role="user", content="Tell me about the history of the city of Rome.")
-OTHER = ChatMessage(role="user", content="What do dogs like to eat?")
-GIB = 1024**3
-
-
-class Runners:
-    def __init__(self, model_path: Path) -> None:
-        self.model_path = model_path
-        self.namespace = state_namespace(model_path)
-        self._open: list[LlamaRunner] = []
-
-    def new(self, kv_cache: KVCache | None) -> LlamaRunner:
-        runner = LlamaRunner(
-            self.model_path, context_tokens=2048, batch_tokens=512, threads=2, kv_cache=kv_cache
-        )
-        self._open.append(runner)
-        return runner
-
-    def close(self) -> None:
-        for runner in self._open:
-            runner.close()
-
-
-@pytest.fixture(scope="module")
-def runners(model_path: Path) -> Iterator[Runners]:
-    made = Runners(model_path)
-    yield made
-    made.close()
-
-
-def key(runner: LlamaRunner, messages: list[ChatMessage], user: str) -> PromptKey:
-    prompt = chat_format.render(messages, few_shot=True, public_messages=1)
-    tokens, public_tokens = runner.tokenize(prompt)
-    return PromptKey(tokens, public_tokens, owner_digest(user))
-
-
-def generate(runner: LlamaRunner, prompt: PromptKey) -> tuple[list[int], str, Usage]:
-    """The first 16 greedy tokens (ids and text), with no stop strings to cut them short."""
-    pieces: list[str] = []
-    usage, _, _, _ = runner.generate(
-        prompt, GREEDY_16, emit=pieces.append, cancelled=lambda: False, stops=()
-    )
-    # The context holds the prompt and every generated token but the last one sampled.
-    completion = runner.held_tokens()[len(prompt.tokens) :]
-    runner.save(prompt)
-    return completion, "".join(pieces), usage
-
-
-def second_turn(answer: str) -> list[ChatMessage]:
-    follow_up = ChatMessage(role="user", content="And what about Paris?")
-    return [SYSTEM, QUESTION, ChatMessage(role="assistant", content=answer), follow_up]
-
-
-@pytest.mark.model
-def test_a_state_from_ram_or_disk_continues_like_a_cold_prefill(
-    runners: Runners, tmp_path: Path
-) -> None:
-    ram = KVCache(namespace=runners.namespace, chunk_tokens=64, ram_bytes=GIB)
-    warm = runners.new(ram)
-    _, answer, _ = generate(warm, key(warm, [SYSTEM, QUESTION], "alice"))
-    turn2 = second_turn(answer)
-    generate(warm, key(warm, [SYSTEM, OTHER], "bob"))  # the live context moves on
-
-    cold = runners.new(None)
-    expected_ids, expected_text, cold_usage = generate(cold, key(cold, turn2, "alice"))
-    assert cold_usage.cached_tokens == 0
-
-    ids, text, usage = generate(warm, key(warm, turn2, "alice"))
-    assert usage.cache_tier is CacheTier.RAM
-    assert usage.cached_tokens > len(key(warm, [SYSTEM, QUESTION], "alice").tokens)
-    assert (ids, text) == (expected_ids, expected_text)
-
-    # The disk tier: saved by one process, read back by the next (a new cache and context
-    # on the same folder, with no RAM tier).
-    saving = runners.new(
-        KVCache(namespace=runners.namespace, chunk_tokens=64, disk_bytes=GIB, disk_dir=tmp_path)
-    )
-    generate(saving, key(saving, [SYSTEM, QUESTION], "alice"))
-    restarted = runners.new(
-        KVCache(namespace=runners.namespace, chunk_tokens=64, disk_bytes=GIB, disk_dir=tmp_path)
-    )
-    ids, text, usage = generate(restarted, key(restarted, turn2, "alice"))
-    assert usage.cache_tier is CacheTier.DISK
-    assert (ids, text) == (expected_ids, expected_text)
 
 
 def test_each_answer_names_the_tier_that_served_it(live_server: LiveServer) -> None:

@@ -68,9 +68,9 @@ def test_streamed_answer_then_a_cached_second_turn(
         {"role": "assistant", "content": answer},
         {"role": "user", "content": "And at sunset?"},
     ]
-    before = engine.runner.evaluated_tokens()
+    before = engine.context.evaluated_tokens()
     _, prompt2, cached2, _ = stream_answer(client, messages)
-    after = engine.runner.evaluated_tokens()
+    after = engine.context.evaluated_tokens()
 
     assert prompt1 <= cached2 <= prompt1 + completion1
     # What llama.cpp itself evaluated before sampling is exactly what we say was not cached.

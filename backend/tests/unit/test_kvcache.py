@@ -1,5 +1,7 @@
-"""The tiered KV-state cache against a fake context whose "state" is its own token list
-(padded to a fixed size per token, so that byte budgets behave as with llama.cpp)."""
+"""The tiered KV-state cache against a fake sequence whose "state" is its own token list
+(padded to a fixed size per token, so that byte budgets behave as with llama.cpp). The fake
+keeps what it holds between turns as a resident sequence of the engine does (the live
+tier), and offers it to the cache the way the engine does."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from chatbot.kvcache import KVCache, PromptKey, owner_digest
+from chatbot.kvcache import KVCache, PromptKey, Reuse, owner_digest
+from chatbot.kvcache.keys import shareable_prefix
 from chatbot.models.cache import CacheTier
 
 BYTES_PER_TOKEN = 100
@@ -22,10 +25,12 @@ BOB = owner_digest("bob")
 
 
 class FakeContext:
-    """Stands in for a llama.cpp context: the saved state encodes the tokens it holds."""
+    """Stands in for one sequence of a llama.cpp context: the saved state encodes the
+    tokens it holds."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
+        self.held = PromptKey([], 0, b"")
         self.imports = 0
 
     def held_tokens(self) -> Sequence[int]:
@@ -46,13 +51,24 @@ class FakeContext:
         return True
 
     def clear(self) -> None:
+        """Another conversation took the sequence (or it was evicted)."""
         self.tokens = []
+        self.held = PromptKey([], 0, b"")
+
+    def prepare(self, cache: KVCache, key: PromptKey) -> Reuse:
+        """As the engine does: keep in place what the owner may use, then ask the cache."""
+        live = min(shareable_prefix(self.held, key), len(key.tokens) - 1)
+        self.truncate(live)
+        reuse = cache.prepare(self, key, live)
+        assert self.tokens == list(key.tokens[: reuse.tokens])
+        self.held = PromptKey(self.tokens, key.public_tokens, key.owner)
+        return reuse
 
     def run(self, cache: KVCache, key: PromptKey, answer: Sequence[int] = (7, 7)) -> int:
         """One turn: prepare, "prefill" the rest, "generate", commit. Returns tokens reused."""
-        reuse = cache.prepare(self, key)
-        assert self.tokens == list(key.tokens[: reuse.tokens])
+        reuse = self.prepare(cache, key)
         self.tokens = [*key.tokens, *answer]
+        self.held = PromptKey(self.tokens, key.public_tokens, key.owner)
         cache.commit(self, key)
         return reuse.tokens
 
@@ -77,7 +93,7 @@ def test_a_conversation_reuses_its_whole_history_from_the_live_context(tmp_path:
     first = prompt(ALICE, 1, 2, 3)
     ctx.run(cache, first)
     second = prompt(ALICE, 1, 2, 3, 7, 7, 4, 5)
-    reuse = cache.prepare(ctx, second)
+    reuse = ctx.prepare(cache, second)
     assert (reuse.tokens, reuse.tier) == (len(first.tokens) + 2, CacheTier.LIVE)
     assert ctx.imports == 0
 
@@ -86,7 +102,7 @@ def test_a_conversation_comes_back_from_ram_after_another_one_ran(tmp_path: Path
     cache, ctx = make_cache(tmp_path), FakeContext()
     ctx.run(cache, prompt(ALICE, 1, 2, 3))
     ctx.run(cache, prompt(BOB, 9, 9, 9))
-    reuse = cache.prepare(ctx, prompt(ALICE, 1, 2, 3, 7, 7, 4))
+    reuse = ctx.prepare(cache, prompt(ALICE, 1, 2, 3, 7, 7, 4))
     assert (reuse.tokens, reuse.tier) == (len(PUBLIC) + 5, CacheTier.RAM)
     assert ctx.tokens == prompt(ALICE, 1, 2, 3, 7, 7).tokens
 
@@ -95,8 +111,7 @@ def test_the_public_prefix_is_shared_across_users(tmp_path: Path) -> None:
     cache, ctx = make_cache(tmp_path), FakeContext()
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 4, 5, 6))
     ctx.clear()
-    cache.forget_live()
-    reuse = cache.prepare(ctx, prompt(BOB, 8, 8))
+    reuse = ctx.prepare(cache, prompt(BOB, 8, 8))
     assert (reuse.tokens, reuse.tier) == (len(PUBLIC), CacheTier.RAM)
 
 
@@ -104,11 +119,10 @@ def test_the_same_private_words_never_hit_for_another_user(tmp_path: Path) -> No
     cache, ctx = make_cache(tmp_path), FakeContext()
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8))
     # From the live context and from RAM alike, Bob gets the public part and no more.
-    assert cache.prepare(ctx, prompt(BOB, 1, 2, 3, 4, 5, 6, 7, 8)).tokens == len(PUBLIC)
+    assert ctx.prepare(cache, prompt(BOB, 1, 2, 3, 4, 5, 6, 7, 8)).tokens == len(PUBLIC)
     ctx.clear()
-    cache.forget_live()
-    assert cache.prepare(ctx, prompt(BOB, 1, 2, 3, 4, 5, 6, 7, 8)).tokens == len(PUBLIC)
-    assert cache.prepare(ctx, prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8, 9)).tokens == len(PUBLIC) + 8
+    assert ctx.prepare(cache, prompt(BOB, 1, 2, 3, 4, 5, 6, 7, 8)).tokens == len(PUBLIC)
+    assert ctx.prepare(cache, prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8, 9)).tokens == len(PUBLIC) + 8
 
 
 def test_private_content_is_never_shared_even_without_a_public_prefix(tmp_path: Path) -> None:
@@ -116,30 +130,29 @@ def test_private_content_is_never_shared_even_without_a_public_prefix(tmp_path: 
     mine = PromptKey(list(range(20)), public_tokens=0, owner=ALICE)
     ctx.run(cache, mine)
     ctx.clear()
-    cache.forget_live()
     theirs = PromptKey(list(range(20)), public_tokens=0, owner=BOB)
-    assert cache.prepare(ctx, theirs).tier is None
+    assert ctx.prepare(cache, theirs).tier is None
 
 
 def test_states_of_another_model_are_never_used(tmp_path: Path) -> None:
     ctx = FakeContext()
     ctx.run(make_cache(tmp_path), prompt(ALICE, 1, 2, 3, 4, 5, 6))
     other = KVCache(namespace=b"model-b", chunk_tokens=CHUNK, disk_bytes=10**6, disk_dir=tmp_path)
-    assert other.prepare(FakeContext(), prompt(ALICE, 1, 2, 3, 4, 5, 6, 7)).tier is None
+    assert FakeContext().prepare(other, prompt(ALICE, 1, 2, 3, 4, 5, 6, 7)).tier is None
 
 
 def test_at_least_one_prompt_token_is_left_to_evaluate(tmp_path: Path) -> None:
     cache, ctx = make_cache(tmp_path), FakeContext()
     key = prompt(ALICE, 1, 2, 3)
     ctx.run(cache, key)
-    assert cache.prepare(ctx, key).tokens == len(key.tokens) - 1
+    assert ctx.prepare(cache, key).tokens == len(key.tokens) - 1
 
 
 def test_a_newer_state_of_a_conversation_replaces_the_older_one(tmp_path: Path) -> None:
     cache, ctx = make_cache(tmp_path), FakeContext()
     ctx.run(cache, prompt(ALICE, 1, 2, 3))
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 7, 7, 4, 5))
-    ram = cache.stats().tiers[CacheTier.RAM]
+    ram = cache.stats(resident_sequences=1).tiers[CacheTier.RAM]
     assert (ram.entries, ram.stores) == (1, 2)
     assert ram.bytes == (len(PUBLIC) + 9) * BYTES_PER_TOKEN
 
@@ -152,16 +165,15 @@ def test_ram_evicts_least_recently_used_to_disk_within_budgets(tmp_path: Path) -
         ctx.run(cache, key)
     # Using a again makes b the least recently used one.
     ctx.clear()
-    cache.forget_live()
-    assert cache.prepare(ctx, PromptKey([*a.tokens, 7, 7, 0], a.public_tokens, a.owner)).tier
+    assert ctx.prepare(cache, PromptKey([*a.tokens, 7, 7, 0], a.public_tokens, a.owner)).tier
     ctx.run(cache, c)
-    stats = cache.stats()
+    stats = cache.stats(resident_sequences=1)
     assert stats.tiers[CacheTier.RAM].evictions == 1
     assert stats.tiers[CacheTier.RAM].bytes <= 2 * entry
     assert _tier_of(cache, b) is CacheTier.DISK
     assert _tier_of(cache, a) is CacheTier.RAM
     ctx.run(cache, d)  # a goes to disk, and disk evicts b for good
-    stats = cache.stats()
+    stats = cache.stats(resident_sequences=1)
     assert stats.tiers[CacheTier.DISK].evictions == 1
     assert stats.tiers[CacheTier.DISK].bytes <= entry + 1000
     assert _tier_of(cache, b) is None
@@ -173,14 +185,14 @@ def test_a_state_larger_than_ram_goes_straight_to_disk(tmp_path: Path) -> None:
     key = prompt(ALICE, 1, 2, 3)
     ctx.run(cache, key)
     assert _tier_of(cache, key) is CacheTier.DISK
-    assert cache.stats().tiers[CacheTier.RAM].bytes == 0
+    assert cache.stats(resident_sequences=1).tiers[CacheTier.RAM].bytes == 0
 
 
 def test_the_disk_tier_survives_a_restart(tmp_path: Path) -> None:
     cache, ctx = make_cache(tmp_path, ram=0), FakeContext()
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 4, 5))
     restarted, fresh = make_cache(tmp_path, ram=0), FakeContext()
-    reuse = restarted.prepare(fresh, prompt(ALICE, 1, 2, 3, 4, 5, 7, 7, 9))
+    reuse = fresh.prepare(restarted, prompt(ALICE, 1, 2, 3, 4, 5, 7, 7, 9))
     assert (reuse.tokens, reuse.tier) == (len(PUBLIC) + 7, CacheTier.DISK)
     assert fresh.tokens == prompt(ALICE, 1, 2, 3, 4, 5, 7, 7).tokens
 
@@ -190,10 +202,10 @@ def test_a_graceful_shutdown_moves_ram_to_disk(tmp_path: Path) -> None:
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 4, 5))
     ctx.run(cache, prompt(BOB, 6, 7, 8, 9))
     cache.flush()
-    assert cache.stats().tiers[CacheTier.RAM].bytes == 0
+    assert cache.stats(resident_sequences=1).tiers[CacheTier.RAM].bytes == 0
     restarted = make_cache(tmp_path)
-    assert restarted.stats().tiers[CacheTier.DISK].entries == 2
-    reuse = restarted.prepare(FakeContext(), prompt(BOB, 6, 7, 8, 9, 7, 7, 1))
+    assert restarted.stats(resident_sequences=1).tiers[CacheTier.DISK].entries == 2
+    reuse = FakeContext().prepare(restarted, prompt(BOB, 6, 7, 8, 9, 7, 7, 1))
     assert (reuse.tokens, reuse.tier) == (len(PUBLIC) + 6, CacheTier.DISK)
 
 
@@ -209,7 +221,7 @@ def test_a_damaged_disk_entry_is_ignored_with_a_warning(
     path.write_bytes(data)
     restarted, fresh = make_cache(tmp_path, ram=0), FakeContext()
     with caplog.at_level(logging.WARNING):
-        reuse = restarted.prepare(fresh, prompt(ALICE, 1, 2, 3, 4, 5, 7, 7, 9))
+        reuse = fresh.prepare(restarted, prompt(ALICE, 1, 2, 3, 4, 5, 7, 7, 9))
     assert reuse.tier is None
     assert fresh.tokens == []
     assert "damaged KV state" in caplog.text
@@ -225,7 +237,7 @@ def test_an_unreadable_disk_file_is_skipped_at_start(
     path.write_bytes(b"garbage")
     with caplog.at_level(logging.WARNING):
         restarted = make_cache(tmp_path, ram=0)
-    assert restarted.stats().tiers[CacheTier.DISK].entries == 0
+    assert restarted.stats(resident_sequences=1).tiers[CacheTier.DISK].entries == 0
     assert "unreadable KV state" in caplog.text
 
 
@@ -235,7 +247,7 @@ def test_counters_per_tier_and_per_owner(tmp_path: Path) -> None:
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 7, 7, 4))  # live: 15 of 16
     ctx.run(cache, prompt(BOB, 5))  # live, the public part: 10 of 11
     ctx.run(cache, prompt(ALICE, 1, 2, 3, 7, 7, 4, 7, 7, 6))  # ram: 18 of 19
-    stats = cache.stats()
+    stats = cache.stats(resident_sequences=1)
     assert (stats.lookups, stats.requested_tokens) == (4, 13 + 16 + 11 + 19)
     assert stats.hit_tokens == 15 + 10 + 18
     assert (stats.tiers[CacheTier.LIVE].hits, stats.tiers[CacheTier.LIVE].hit_tokens) == (2, 25)
@@ -254,8 +266,8 @@ def test_a_saved_state_is_loaded_only_when_it_beats_the_live_context_enough(
     ctx.run(cache, prompt(ALICE, 1, 2, 3), answer=(7, 7, 7))  # saves public + 6 tokens
     ctx.run(cache, prompt(BOB, 9))  # the live context now holds Bob's
     # A saved state 2 tokens longer than the live context's public part: not worth a copy.
-    assert cache.prepare(ctx, prompt(ALICE, 1, 2, 8, 8)).tier is CacheTier.LIVE
-    reuse = cache.prepare(ctx, prompt(ALICE, 1, 2, 3, 7, 7, 7, 4))
+    assert ctx.prepare(cache, prompt(ALICE, 1, 2, 8, 8)).tier is CacheTier.LIVE
+    reuse = ctx.prepare(cache, prompt(ALICE, 1, 2, 3, 7, 7, 7, 4))
     assert (reuse.tokens, reuse.tier) == (len(PUBLIC) + 6, CacheTier.RAM)
 
 

@@ -53,6 +53,7 @@ def create_app(
             )
             metrics.watch_queue(lambda: running.queue_depth)
             metrics.watch_kv_cache(running.cache_stats)
+            metrics.watch_batches(running.batch_stats)
             generations = GenerationService(
                 running,
                 settings,
@@ -60,6 +61,9 @@ def create_app(
                 StreamLimiter(settings.max_streams_per_user, settings.max_streams),
             )
             agents = Agents(settings, documents, storage.checkpointer, metrics, running)
+            # The preamble every conversation starts with is read before the first user
+            # arrives; the app is ready only once it is in.
+            await running.warm((agents.head,))
             conversations = ConversationService(
                 storage.index, generations, agents, tracer, settings
             )

@@ -12,13 +12,13 @@ response has started::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import ChatMessage, Timing, Usage
+from chatbot.models.domain import BatchStats, ChatMessage, Timing, Usage
 
 FinishReason = Literal["stop", "length"]
 
@@ -109,6 +109,16 @@ class Engine(ABC):
     def queue_depth(self) -> int:
         """Requests submitted and waiting for the engine."""
         return 0
+
+    async def warm(self, public: Sequence[ChatMessage]) -> None:
+        """Read the server's public leading messages ahead of any request, where the
+        engine can keep what it read (the embedded engine pins it in its context); an
+        engine that cannot ignores them."""
+        del public
+
+    def batch_stats(self) -> BatchStats | None:
+        """How the engine's batches are going, where it batches requests itself."""
+        return None
 
     def cache_stats(self) -> CacheStats | None:
         """The engine's own KV-cache counters, where it keeps them."""

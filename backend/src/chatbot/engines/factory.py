@@ -25,6 +25,8 @@ def create_engine(settings: Settings) -> Engine:
                 context_tokens=settings.context_tokens,
                 batch_tokens=settings.batch_tokens,
                 threads=settings.threads,
+                parallel=settings.parallel,
+                pool_tokens=settings.kv_pool_tokens,
                 queue_size=settings.queue_size,
                 few_shot=settings.few_shot,
                 kv_cache=_kv_cache(settings, path) if settings.prefix_cache else None,

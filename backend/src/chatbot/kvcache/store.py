@@ -1,10 +1,11 @@
-"""The tiered KV-state cache: the live context, then saved states in RAM, then on disk.
+"""The tiered KV-state cache: saved sequence states in RAM, then on disk, behind the live
+tier that the engine keeps itself (the sequences still resident in its context).
 
 A saved entry is the llama.cpp sequence state of a whole token sequence (a conversation
 as far as it got), indexed under the chain hash of each of its full chunks. A prompt is
 looked up by its own chunk hashes, deepest first; the entries found there share at least
 that many chunks with it, and the longest token-for-token match among them wins. After a
-load, the context is truncated to the matched prefix and only the rest is prefilled.
+load, the sequence is truncated to the matched prefix and only the rest is prefilled.
 
 RAM evicts least recently used entries to disk, disk evicts them for good; each stays
 within its byte budget. An entry that is a prefix of a newer one of the same owner is
@@ -36,7 +37,7 @@ _FASTEST_FIRST = {tier: rank for rank, tier in enumerate(CacheTier)}
 
 
 class SequenceState(Protocol):
-    """The live llama.cpp context, as the cache drives it."""
+    """One sequence of the llama.cpp context, as the cache drives it."""
 
     def held_tokens(self) -> Sequence[int]: ...
 
@@ -47,10 +48,9 @@ class SequenceState(Protocol):
     def export_state(self) -> bytearray: ...
 
     def import_state(self, payload: bytearray, tokens: Sequence[int]) -> bool:
-        """Replace the context with a saved state of ``tokens``; False if it was refused."""
+        """Replace the sequence with a saved state of ``tokens``; False if it was refused
+        (the sequence is then empty)."""
         ...
-
-    def clear(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,6 @@ class KVCache:
             if disk_dir is not None and disk_bytes > 0
             else None
         )
-        self._live: PromptKey | None = None
         self._counters = _Counters()
         if self._disk is not None:
             for meta in self._disk.scan():
@@ -136,46 +135,35 @@ class KVCache:
 
     # -- the turn: prepare the context for a prompt, then save what it holds ---------------
 
-    def prepare(self, context: SequenceState, key: PromptKey) -> Reuse:
-        """Leave in ``context`` the longest prefix of ``key.tokens`` that any tier holds
-        and ``key``'s owner may use; at least one token is always left to evaluate."""
+    def prepare(self, context: SequenceState, key: PromptKey, live: int) -> Reuse:
+        """``context`` is a sequence that already holds the first ``live`` tokens of
+        ``key.tokens`` (kept from its last answer, or shared from another resident sequence).
+        Load a saved state instead if one serves ``min_load_gain`` more tokens that ``key``'s
+        owner may use; at least one token is always left to evaluate."""
         limit = len(key.tokens) - 1
+        live = min(live, limit)
         with self._lock:
-            live = min(shareable_prefix(self._live, key), limit) if self._live else 0
             reuse = Reuse(live, CacheTier.LIVE if live else None)
             found = self._find(key, limit)
             if found is not None and found[1] >= live + max(1, self.min_load_gain):
                 entry, n = found
-                if self._load(context, entry, n):
-                    reuse = Reuse(n, entry.tier)
-                else:
-                    context.clear()
-                    reuse = Reuse(0, None)
-            elif not context.truncate(live):
-                context.clear()
-                reuse = Reuse(0, None)
-            self._live = PromptKey(
-                array("i", key.tokens[: reuse.tokens]),
-                min(key.public_tokens, reuse.tokens),
-                key.owner,
-            )
+                reuse = Reuse(n, entry.tier) if self._load(context, entry, n) else Reuse(0, None)
             self._count(key, reuse)
             return reuse
 
     def commit(self, context: SequenceState, key: PromptKey) -> None:
-        """After a generation for ``key``: remember what the context holds now (the prompt
-        and the answer) and save its state unless a tier already holds it."""
+        """After a generation for ``key``: save the state of what the sequence holds now
+        (the prompt and the answer) unless a tier already holds it."""
         held = array("i", context.held_tokens())
-        live = PromptKey(held, min(key.public_tokens, len(held)), key.owner)
+        if not self.stores_states or len(held) < self.chunk_tokens:
+            return
+        saved = PromptKey(held, min(key.public_tokens, len(held)), key.owner)
         with self._lock:
-            self._live = live
-            if not self.stores_states or len(held) < self.chunk_tokens:
-                return
-            hashes = self._hashes(live)
-            found = self._find(live, len(held), hashes)
+            hashes = self._hashes(saved)
+            found = self._find(saved, len(held), hashes)
             if found is not None and found[1] >= len(held):
                 return
-            self._put(live, context.export_state(), hashes)
+            self._put(saved, context.export_state(), hashes)
 
     def flush(self) -> None:
         """Move what RAM holds to disk, within its budget (on a graceful shutdown), so that
@@ -186,11 +174,6 @@ class KVCache:
             for entry_id, payload in self._ram.drain():
                 self._spill(entry_id, payload)
             logger.info("KV cache: saved states on disk: %d", len(self._disk))
-
-    def forget_live(self) -> None:
-        """The context was cleared or is in an unknown state (a failed generation)."""
-        with self._lock:
-            self._live = None
 
     # -- lookup, load, store ---------------------------------------------------------------
 
@@ -332,11 +315,12 @@ class KVCache:
             tier.hits += 1
             tier.hit_tokens += reuse.tokens
 
-    def stats(self) -> CacheStats:
+    def stats(self, resident_sequences: int) -> CacheStats:
+        """``resident_sequences``: what the live tier holds, which the engine knows."""
         with self._lock:
             total = self._counters.total
             held: dict[CacheTier, tuple[int, int, int | None]] = {
-                CacheTier.LIVE: (1 if self._live and self._live.tokens else 0, 0, None),
+                CacheTier.LIVE: (resident_sequences, 0, None),
                 CacheTier.RAM: (len(self._ram), self._ram.used_bytes, self._ram.budget_bytes),
                 CacheTier.DISK: (
                     (len(self._disk), self._disk.used_bytes, self._disk.budget_bytes)

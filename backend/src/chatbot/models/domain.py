@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
@@ -95,3 +96,19 @@ class Message(BaseModel):
     """Why a failed answer failed: an error code (``interrupted``: the server stopped in the
     middle of it). Sending the question again is a clean retry, as a failed answer and its
     question are left out of later prompts."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What an engine that serves many sequences at once reports of its work."""
+
+    running: int
+    """Requests holding a sequence: being prefilled or answering."""
+    waiting: int
+    """Requests waiting for a sequence."""
+    steps: int
+    """Batches evaluated since start-up."""
+    batch_tokens: int
+    """Tokens evaluated in all those batches: answer tokens and prompt chunks."""
+    decode_tokens: int
+    """Answer tokens among them."""

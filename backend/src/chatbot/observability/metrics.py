@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from chatbot.models.cache import CacheStats
-from chatbot.models.domain import Timing, Usage
+from chatbot.models.domain import BatchStats, Timing, Usage
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -88,6 +88,10 @@ class Metrics:
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
 
+    def watch_batches(self, stats: Callable[[], BatchStats | None]) -> None:
+        """Export how the engine batches its sequences, read at each scrape."""
+        self.registry.register(_BatchCollector(stats))
+
     def watch_kv_cache(self, stats: Callable[[], CacheStats | None]) -> None:
         """Export the engine's KV-cache counters, read at each scrape."""
         self.registry.register(_KVCacheCollector(stats))
@@ -102,6 +106,46 @@ class Metrics:
 
     def export(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _BatchCollector(Collector):
+    """The engine's batch counters, kept on its worker thread; rates come from Prometheus:
+    batch tokens per step is ``rate(batch_tokens) / rate(steps)``, decode tokens/s is
+    ``rate(decode_tokens)``."""
+
+    def __init__(self, stats: Callable[[], BatchStats | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # the families appear only for an engine that batches itself
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield GaugeMetricFamily(
+            "chatbot_engine_running_sequences",
+            "Requests holding a sequence of the engine: being prefilled or answering.",
+            value=stats.running,
+        )
+        yield GaugeMetricFamily(
+            "chatbot_engine_waiting_sequences",
+            "Requests waiting for a sequence of the engine.",
+            value=stats.waiting,
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_steps", "Batches the engine evaluated.", value=stats.steps
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_batch_tokens",
+            "Tokens the engine evaluated in its batches: answer tokens and prompt chunks.",
+            value=stats.batch_tokens,
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_decode_tokens",
+            "Answer tokens the engine evaluated.",
+            value=stats.decode_tokens,
+        )
 
 
 class _KVCacheCollector(Collector):
