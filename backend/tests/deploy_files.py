@@ -125,6 +125,7 @@ HELM_KEYS: dict[str, frozenset[str]] = {
             "requestMemory",
             "requestGPU",
             "pvcStorage",
+            "pvcAccessMode",
             "hf_token",
             "vllmConfig",
             "lmcacheConfig",

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pytest
 import yaml
 
@@ -87,16 +88,27 @@ def test_every_file_in_deploy_parses() -> None:
             assert all(doc is not None for doc in yaml.safe_load_all(text)), path
         elif path.suffix == ".json":
             json.loads(text)
+        elif path.suffix == ".py":
+            compile(text, str(path), "exec")
+        elif path.suffix == ".lock":
+            # Every package pinned exactly: `make vllm` installs the list with --no-deps.
+            lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+            assert lines, path
+            assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[\w.+]+", line) for line in lines), path
+        elif path.suffix == ".jinja":
+            jinja2.Environment().parse(text)
         else:
             assert path.name in NOT_PARSED, f"{path}: a file of a kind no test reads"
 
 
 def test_the_env_example_lists_every_secret_compose_requires() -> None:
-    required = set(re.findall(r"\$\{(\w+):\?", (DEPLOY_DIR / "docker-compose.yml").read_text()))
+    compose_text = (DEPLOY_DIR / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", compose_text))
+    optional = set(re.findall(r"\$\{(\w+):-", compose_text))
     example = (DEPLOY_DIR / ".env.example").read_text().splitlines()
     listed = {line.partition("=")[0] for line in example if line and not line.startswith("#")}
     assert required
-    assert listed == required
+    assert listed == required | optional
 
 
 # --- docker compose
@@ -109,6 +121,64 @@ def test_vllm_runs_lmcache_connector_with_prefix_caching(services: dict[str, Any
     assert "--enable-prompt-tokens-details" in command
     assert "--enable-prefix-caching" in command
     assert "--no-enable-prefix-caching" not in command
+
+
+def test_vllm_runs_with_the_environment_the_tests_start_it_with(
+    services: dict[str, Any], helm: dict[str, Any]
+) -> None:
+    """What tests/production/ proved on vLLM's CPU build (benchmarks/vllm_stack.py): a fixed
+    hash seed, room for the chatbot's stop strings, no usage reports."""
+    from benchmarks.vllm_stack import MAX_STOP_STRINGS, QUIET
+
+    from chatbot.engines.chat_format import STOPS
+
+    [model] = helm["servingEngineSpec"]["modelSpec"]
+    helm_env = {item["name"]: item["value"] for item in model["env"]}
+    for env in (env_map(services["vllm"]["environment"]), helm_env):
+        assert env["PYTHONHASHSEED"] == "0"
+        assert int(env["VLLM_MAX_STOP_STRINGS"]) == MAX_STOP_STRINGS >= len(STOPS)
+        for name in ("DO_NOT_TRACK", "VLLM_NO_USAGE_STATS", "LMCACHE_TRACK_USAGE"):
+            assert env[name] == QUIET[name]
+
+
+def test_every_image_is_pinned(services: dict[str, Any], helm: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if "image" in service:
+            image = str(service["image"])
+            assert ":" in image, name
+            assert not image.endswith(":latest"), name
+    [model] = helm["servingEngineSpec"]["modelSpec"]
+    tags = [
+        model["tag"],
+        helm["routerSpec"]["tag"],
+        helm["cacheserverSpec"]["image"]["tag"],
+    ]
+    assert all(tag and tag != "latest" for tag in tags), tags
+
+
+def test_helm_replicas_can_all_mount_the_model_volume(helm: dict[str, Any]) -> None:
+    [model] = helm["servingEngineSpec"]["modelSpec"]
+    assert model["replicaCount"] > 1
+    # ReadWriteOnce would pin every replica to the node that mounted the volume first.
+    assert model["pvcAccessMode"] == ["ReadWriteMany"]
+
+
+def test_langfuse_is_wired_and_grafana_keeps_port_3000(services: dict[str, Any]) -> None:
+    env = env_map(services["chatbot"]["environment"])
+    assert {"LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL"} <= set(env)
+    published = [
+        (name, str(port).split(":")[-2])
+        for name, service in services.items()
+        for port in service.get("ports", [])
+    ]
+    assert [name for name, host in published if host == "3000"] == ["grafana"]
+
+
+def test_the_lmcache_hit_rate_is_lookup_hits_over_lookup_tokens() -> None:
+    exprs = " ".join(dashboard_exprs(load_dashboard()))
+    assert "lmcache:num_lookup_hits_total" in exprs
+    # Hits over retrieved tokens reads ~1 by construction: retrieval asks only for hits.
+    assert "lmcache:num_requested_tokens_total" not in exprs
 
 
 def test_vllm_reads_the_mounted_lmcache_file(services: dict[str, Any]) -> None:
@@ -345,8 +415,8 @@ def test_dashboard_has_engine_and_agent_variables_and_the_required_panels() -> N
         "vllm:generation_tokens_total",
         "vllm:num_requests_waiting",
         "vllm:num_requests_running",
-        "lmcache:num_hit_tokens_total",
-        "lmcache:num_requested_tokens_total",
+        "lmcache:num_lookup_hits_total",
+        "lmcache:num_lookup_tokens_total",
     } <= names
     exprs = " ".join(dashboard_exprs(board))
     for quantile in ("0.5", "0.95", "0.99"):
