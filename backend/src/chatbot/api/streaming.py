@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from chatbot.api.server import Drain
 from chatbot.models.errors import ServiceUnavailable
@@ -24,14 +23,8 @@ def sse(event: str | None, data: Any) -> str:
     return f"{head}data: {payload}\n\n"
 
 
-KEEPALIVE = ": keep-alive\n\n"
-"""An SSE comment: clients ignore it, proxies see the stream is alive."""
-
-
-class _Signal(enum.Enum):
-    END = enum.auto()
-    KEEPALIVE = enum.auto()
-    DEADLINE = enum.auto()
+KEEPALIVE = b": keep-alive\n\n"
+"""An SSE comment: clients skip it, proxies see the stream is alive."""
 
 
 class EventStreamResponse(StreamingResponse):
@@ -42,9 +35,16 @@ class EventStreamResponse(StreamingResponse):
     however the response ends. Under an ASGI 2.4 server Starlette notices a disconnect only
     at the next send, and it never closes the iterator itself.
 
-    A stream silent for ``keepalive_s`` gets a comment line. When ``drain`` expires (the
-    server is stopping and its grace ran out) the answer is stopped as a disconnect would
-    stop it, ``last_words`` are sent, and the stream ends: the client sees why, never a cut.
+    A stream that has sent nothing for ``keepalive_s`` gets a comment line. When ``drain``
+    expires (the server is stopping and its grace ran out) the answer is stopped as a
+    disconnect would stop it, and the stream ends with ``last_words`` instead of whatever
+    the stopped answer would have said last: the client sees why, never a cut.
+
+    Neither costs anything per event but a flag and a time: the keep-alive is written by a
+    task of its own between the events (each event is one whole body chunk, so a comment
+    can sit between any two), and the drain stops the source, whose end the stream awaits
+    as it awaits any event. Handing every event through a queue to a reading task cost
+    about 20 µs an event, ten times the response's own cost.
     """
 
     def __init__(
@@ -69,76 +69,73 @@ class EventStreamResponse(StreamingResponse):
         self._drain = drain
         self._keepalive_s = keepalive_s
         self._last_words = last_words
+        self._stopping: asyncio.Task[None] | None = None
 
     async def _guard(self, events: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-        """``events`` read by a task of their own, so that a silent source can be
-        interrupted by a keep-alive or the drain; the source reads on only once the client
-        took the last event (its backpressure, and the coalescing that rides on it, stay)."""
-        inbox: asyncio.Queue[str | _Signal] = asyncio.Queue()
-        taken = asyncio.Event()
-        sent = False
+        expired = False
 
-        async def pump() -> None:
-            try:
-                async for item in events:
-                    taken.clear()
-                    inbox.put_nowait(item)
-                    await taken.wait()
-            finally:
-                inbox.put_nowait(_Signal.END)
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._stopping = asyncio.ensure_future(self._on_disconnect())
 
-        loop = asyncio.get_running_loop()
-        ticker: asyncio.TimerHandle | None = None
-
-        def tick() -> None:
-            nonlocal sent, ticker
-            if not sent:
-                inbox.put_nowait(_Signal.KEEPALIVE)
-            sent = False
-            ticker = loop.call_later(self._keepalive_s, tick)
-
-        if self._keepalive_s:
-            ticker = loop.call_later(self._keepalive_s, tick)
-        unsubscribe = self._drain.subscribe(lambda: inbox.put_nowait(_Signal.DEADLINE))
-        pumping = asyncio.create_task(pump())
+        unsubscribe = self._drain.subscribe(expire)
         try:
-            while True:
-                item = await inbox.get()
-                if item is _Signal.END:
-                    (outcome,) = await asyncio.gather(pumping, return_exceptions=True)
-                    if isinstance(outcome, Exception):
-                        raise outcome
-                    return
-                if item is _Signal.KEEPALIVE:
-                    yield KEEPALIVE
-                elif item is _Signal.DEADLINE:
-                    await self._on_disconnect()
-                    for words in self._last_words:
-                        yield words
-                    return
-                else:
-                    sent = True
-                    yield item
-                    taken.set()
+            async for item in events:
+                if expired:
+                    break
+                yield item
+            if expired:
+                for words in self._last_words:
+                    yield words
         finally:
             unsubscribe()
-            if ticker is not None:
-                ticker.cancel()
-            pumping.cancel()
-            await asyncio.gather(pumping, return_exceptions=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        last_sent = loop.time()
+        state = {"started": False, "ended": False, "sending": False}
+
         async def watch() -> None:
             while (await receive())["type"] != "http.disconnect":
                 pass
             await self._on_disconnect()
 
+        async def tracked_send(message: Message) -> None:
+            nonlocal last_sent
+            state["sending"] = True
+            try:
+                await send(message)
+            finally:
+                state["sending"] = False
+                last_sent = loop.time()
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            elif not message.get("more_body", False):
+                state["ended"] = True
+
+        async def keep_alive() -> None:
+            while True:
+                await asyncio.sleep(max(0.0, last_sent + self._keepalive_s - loop.time()))
+                if state["ended"]:
+                    return
+                idle = loop.time() - last_sent >= self._keepalive_s
+                if idle and state["started"] and not state["sending"]:
+                    body = {"type": "http.response.body", "body": KEEPALIVE, "more_body": True}
+                    await tracked_send(body)
+
         watcher = asyncio.create_task(watch())
+        ticker = asyncio.create_task(keep_alive()) if self._keepalive_s else None
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, tracked_send)
         finally:
             watcher.cancel()
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
             await self._guarded.aclose()
+            if self._stopping is not None:
+                await asyncio.gather(self._stopping, return_exceptions=True)
             await self._on_close()
 
 
