@@ -163,9 +163,14 @@ def test_helm_replicas_can_all_mount_the_model_volume(helm: dict[str, Any]) -> N
     assert model["pvcAccessMode"] == ["ReadWriteMany"]
 
 
-def test_langfuse_is_wired_and_grafana_keeps_port_3000(services: dict[str, Any]) -> None:
-    env = env_map(services["chatbot"]["environment"])
-    assert {"LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL"} <= set(env)
+def test_langfuse_is_wired_and_grafana_keeps_port_3000(
+    services: dict[str, Any], k8s: dict[str, dict[str, Any]]
+) -> None:
+    langfuse = {"LANGFUSE_PUBLIC_KEY", "LANGFUSE_SECRET_KEY", "LANGFUSE_BASE_URL"}
+    assert langfuse <= set(env_map(services["chatbot"]["environment"]))
+    [container] = k8s["Deployment"]["spec"]["template"]["spec"]["containers"]
+    k8s_env = container_env(container)
+    assert all(k8s_env[name]["valueFrom"]["secretKeyRef"]["optional"] for name in langfuse)
     published = [
         (name, str(port).split(":")[-2])
         for name, service in services.items()
