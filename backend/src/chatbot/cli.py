@@ -73,7 +73,11 @@ def serve(
     an OpenAI-compatible server (`--base-url`). Without `CHATBOT_API_KEYS` (`key=user` pairs,
     keys of 16 characters or more) there is one local user and the server refuses to listen
     on anything but loopback. SIGTERM stops accepting and lets the answers being streamed
-    finish for `CHATBOT_DRAIN_SECONDS`.
+    finish for `CHATBOT_DRAIN_SECONDS`, then stops them, each stream ending with an error
+    event `server_shutting_down`. Requests are bounded before the app sees them: headers
+    (`CHATBOT_MAX_HEADER_BYTES`, 431), the time to receive one
+    (`CHATBOT_RECEIVE_TIMEOUT_SECONDS`, 408), open connections (`CHATBOT_MAX_CONNECTIONS`,
+    503).
 
     **Examples:**
 
