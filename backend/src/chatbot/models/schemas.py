@@ -94,7 +94,9 @@ _MAX_TOKENS_DOC = (
     "server's; more: 400 max_tokens_too_large). Default: CHATBOT_MAX_TOKENS."
 )
 
-MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCES = 10
+"""A client's stop strings: the openai engine adds its transcript's 6, and vLLM takes at most
+VLLM_MAX_STOP_STRINGS, which deploy/ sets to 16 (OpenAI's own limit is 4)."""
 StopString = Annotated[
     str,
     Field(min_length=1, max_length=200, json_schema_extra={"pattern": TEXT_PATTERN}),
