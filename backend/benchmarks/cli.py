@@ -21,7 +21,9 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from benchmarks import report
+from benchmarks import concurrent, report
+from benchmarks.llama_server import ensure_binary as ensure_llama_server
+from benchmarks.llama_server import llama_server as llama_server_peer
 from benchmarks.machine import describe
 from benchmarks.servers import MODEL_ID, Target, chatbot, llama_cpp_server, model_server
 from benchmarks.workloads import (
@@ -49,6 +51,12 @@ Workload = Callable[[Target, Callable[[Target], None]], list[Row]]
 
 def _command() -> str:
     return "python -m benchmarks " + shlex.join(sys.argv[1:])
+
+
+def _cache_dir() -> Path:
+    from chatbot.config import Settings
+
+    return Settings().cache_dir
 
 
 def _model_path() -> Path:
@@ -884,6 +892,121 @@ def capacity_command(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo("\n".join(describe(workload, result)))
+
+
+@app.command("concurrent")
+def concurrent_bench(
+    users: Annotated[
+        str, typer.Option(help="Users at once, comma-separated: one run per value.")
+    ] = "1,2,4,8,16",
+    rounds: Annotated[int, typer.Option(help="Turns per user: a note, then follow-ups.")] = 4,
+    answer_tokens: Annotated[int, typer.Option(help="Longest answer.")] = 32,
+    interleaved: Annotated[
+        bool,
+        typer.Option(help="Users take turns one request at a time (multi-round) instead."),
+    ] = False,
+    llama_server: Annotated[
+        Path | None, typer.Option(help="A llama-server binary; default: built from the pin.")
+    ] = None,
+) -> dict[str, Any]:
+    """Users chatting at once (or taking turns): the embedded engine with one sequence and
+    with the default CHATBOT_PARALLEL, against llama-server with --cache-ram."""
+    from chatbot.config import Settings
+
+    counts = [int(u) for u in users.split(",")]
+    parallel = Settings(_env_file=None).parallel  # type: ignore[call-arg]
+    title = "Users taking turns" if interleaved else "Users chatting at the same time"
+    settings = {
+        "users": users,
+        "rounds": rounds,
+        "answer_tokens": answer_tokens,
+        "interleaved": interleaved,
+        "think_s": "none" if interleaved else "1-3",
+        "default_parallel": parallel,
+    }
+    result, lines = _header(f"{title}: the embedded engine against llama-server", settings)
+    binary = llama_server or ensure_llama_server(_cache_dir())
+    prompts = concurrent.Prompts(_model_path())
+    header = [
+        "users",
+        "server",
+        "follow-up TTFT p50 (ms)",
+        "p95 (ms)",
+        "time per output token p50 (ms)",
+        "p95 (ms)",
+        "decode tokens/s",
+        "whole run (s)",
+        "peak RSS (MiB)",
+    ]
+    body: list[list[object]] = []
+    runs: list[dict[str, Any]] = []
+    for count in counts:
+        ours_parallel = [1, parallel] if not interleaved else [parallel]
+        peers = [1] if interleaved else [count]
+        factories: dict[str, Factory] = {
+            f"chatbot, CHATBOT_PARALLEL={p}": partial(
+                chatbot,
+                f"chatbot, CHATBOT_PARALLEL={p}",
+                users=count,
+                system_prompt=SYSTEM_PROMPT,
+                max_tokens=answer_tokens,
+                cache="tiered",
+                env={"CHATBOT_PARALLEL": str(p), "CHATBOT_QUEUE_SIZE": str(4 * count)},
+            )
+            for p in dict.fromkeys(ours_parallel)
+        }
+        for n in peers:
+            name = f"llama-server --parallel {n} --cache-ram 2048"
+            factories[name] = partial(
+                llama_server_peer,
+                name,
+                binary=binary,
+                users=count,
+                model_path=_model_path(),
+                parallel=n,
+                cache_ram_mib=2048,
+            )
+        for name, factory in factories.items():
+            with factory() as target:
+                typer.echo(f"  {count} users: {name} ...", err=True)
+                ask = (
+                    concurrent.chatbot_asker(target)
+                    if target.is_chatbot
+                    else concurrent.llama_server_asker(prompts)
+                )
+                game = concurrent.take_turns if interleaved else concurrent.play
+                turns, wall = game(
+                    target, ask, users=count, rounds=rounds, answer_tokens=answer_tokens
+                )
+                numbers = concurrent.summary(turns, wall)
+                numbers["peak_rss_mib"] = target.peak_rss_mib()
+            runs.append(
+                {
+                    "users": count,
+                    "target": name,
+                    "notes": target.notes,
+                    "summary": numbers,
+                    "rows": concurrent.as_dicts(turns),
+                }
+            )
+            body.append(
+                [
+                    count,
+                    name,
+                    numbers["follow_up_ttft_p50_ms"],
+                    numbers["follow_up_ttft_p95_ms"],
+                    numbers["tpot_p50_ms"],
+                    numbers["tpot_p95_ms"],
+                    numbers["decode_tokens_per_s"],
+                    numbers["wall_s"],
+                    numbers["peak_rss_mib"],
+                ]
+            )
+    lines += report.table(header, body)
+    result["runs"] = runs
+    name = "multi-round-peer" if interleaved else "concurrent"
+    _write(name, result, lines)
+    return result
 
 
 @app.command("all")

@@ -20,6 +20,7 @@ from chatbot.api.server import Drain
 from chatbot.config import Settings
 from chatbot.engines.base import Engine
 from chatbot.engines.factory import create_engine
+from chatbot.models.domain import ChatMessage
 from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.conversations import ConversationService
@@ -61,9 +62,12 @@ def create_app(
                 StreamLimiter(settings.max_streams_per_user, settings.max_streams),
             )
             agents = Agents(settings, documents, storage.checkpointer, metrics, running)
-            # The preamble every conversation starts with is read before the first user
-            # arrives; the app is ready only once it is in.
-            await running.warm((agents.head,))
+            # The preambles every conversation starts with (the agents', with the documents;
+            # the OpenAI-compatible API's, the system prompt alone) are read before the
+            # first user arrives; the app is ready only once they are in.
+            server_prompt = ChatMessage(role="system", content=settings.system_prompt)
+            for preamble in dict.fromkeys((agents.head, server_prompt)):
+                await running.warm((preamble,))
             conversations = ConversationService(
                 storage.index, generations, agents, tracer, settings
             )
