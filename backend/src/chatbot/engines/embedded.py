@@ -159,14 +159,14 @@ class EmbeddedEngine(EngineBase):
         shares it by reference."""
         if self._kv_cache is None or not public:
             return
-        rendered = chat_format.render(
-            public, few_shot=self._few_shot, public_messages=len(public)
-        )
+        rendered = chat_format.render(public, few_shot=self._few_shot, public_messages=len(public))
         tokens, public_tokens = self.tokenize(rendered)
         if public_tokens + self._context_tokens > self._pool_tokens:
             # Pinned, it would leave no room for one full-length sequence beside it.
-            logger.warning("the public prefix (%d tokens) is not pinned: the KV pool is too "
-                           "small", public_tokens)
+            logger.warning(
+                "the public prefix (%d tokens) is not pinned: the KV pool is too small",
+                public_tokens,
+            )
             return
         stream = _Stream(asyncio.get_running_loop())
         job = Job(

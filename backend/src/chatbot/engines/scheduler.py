@@ -5,8 +5,9 @@ each step is one ``llama_decode`` over a batch of:
 
 1. the next token of every sequence that is answering, then
 2. within what is left of the step's token budget, a chunk of the prompt of each sequence
-   being admitted, oldest first (chunked prefill: a long prompt delays the others' next
-   tokens by one chunk, not by its whole length).
+   being admitted, shortest rest first (chunked prefill: a long prompt delays the others'
+   next tokens by one chunk, not by its whole length, and a follow-up question of a few
+   tokens does not wait behind another user's pasted document).
 
 Then every sequence that produced logits samples from its own llama.cpp sampler chain;
 end-of-generation, stop strings and ``max_tokens`` end a request on its own, and a
@@ -380,11 +381,10 @@ class Scheduler:
                 chunks.append((job, (job.next_token,)))
         decode_tokens = len(items)
         budget = self._context.batch_tokens - len(items)
-        for job in self._running:
+        prefilling = [job for job in self._running if job.phase is Phase.PREFILL]
+        for job in sorted(prefilling, key=_prompt_left):
             if budget <= 0:
                 break
-            if job.phase is not Phase.PREFILL:
-                continue
             assert job.slot is not None
             start = len(job.slot.tokens)
             chunk = job.key.tokens[start : start + budget]
@@ -493,6 +493,11 @@ class Scheduler:
             if job.slot is not None:
                 self._context.clear(job.slot.seq_id)
                 job.slot.tokens = array("i")
+
+
+def _prompt_left(job: Job) -> int:
+    assert job.slot is not None
+    return len(job.key.tokens) - len(job.slot.tokens)
 
 
 def _ms(seconds: float) -> float:
