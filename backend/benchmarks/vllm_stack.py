@@ -88,8 +88,10 @@ class Process:
     ready_url: str
     ready_timeout: float = 300.0
     popen: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0  # wall clock, to tell this process's shared memory from older
 
     def start(self) -> None:
+        self.started_at = time.time()
         with self.log.open("ab") as out:
             self.popen = subprocess.Popen(
                 self.command,
@@ -126,11 +128,13 @@ class Process:
             os.killpg(self.popen.pid, signum)
 
     def kill(self) -> None:
-        """SIGKILL to the process and everything it forked: nothing of it runs after this."""
+        """SIGKILL to the process and everything it forked: nothing of it runs after this.
+        Their shared-memory segments, which a killed process cannot unlink, are removed."""
         if self.popen is None:
             return
         self._signal_group(signal.SIGKILL)
         self.popen.wait(timeout=30)
+        remove_orphan_segments(since=self.started_at)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, then SIGKILL to whatever is left of the group."""
@@ -143,6 +147,7 @@ class Process:
         # Children outlive a parent that exits first; the group's SIGKILL reaches them.
         self._signal_group(signal.SIGKILL)
         self.popen.wait(timeout=30)
+        remove_orphan_segments(since=self.started_at)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -222,6 +227,37 @@ def clean_shared_memory() -> None:
     """LMCache leaves its shared-memory segments behind when its processes stop."""
     for segment in Path("/dev/shm").glob("lmcache_kv_*"):
         segment.unlink(missing_ok=True)
+
+
+def _segments_in_use() -> set[str]:
+    """The /dev/shm files some process has open or mapped."""
+    used: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with suppress(OSError):
+                    used.add(os.readlink(fd))
+        with suppress(OSError):
+            used.update(
+                line.split(maxsplit=5)[-1]
+                for line in (proc / "maps").read_text().splitlines()
+                if "/dev/shm/" in line
+            )
+    return used
+
+
+def remove_orphan_segments(*, since: float) -> None:
+    """vLLM's processes talk through Python's shared memory (``psm_*``, ``sem.mp-*``), which
+    they unlink on a clean exit but not when killed: remove those made since ``since`` that no
+    process holds any more (hundreds of MB each, in RAM)."""
+    used = _segments_in_use()
+    for pattern in ("psm_*", "sem.mp-*"):
+        for segment in Path("/dev/shm").glob(pattern):
+            with suppress(OSError):
+                if segment.stat().st_mtime >= since and str(segment) not in used:
+                    segment.unlink()
 
 
 @dataclass
