@@ -13,9 +13,8 @@ import httpx
 import pytest
 from benchmarks.vllm_stack import CHUNK_TOKENS, LMCacheServer, Router, VllmServer, metric
 
-from tests.conftest import ALICE_KEY
+from tests.production.chat import NOTES, client, turn
 from tests.production.conftest import chatbot_front
-from tests.production.test_vllm_lmcache import NOTES, turn
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -66,8 +65,7 @@ def test_a_conversation_stays_on_one_replica_and_moves_with_its_kv_when_it_stops
     servers, router = replicas
     questions = (f"{NOTES} Which shelf has the most screws?", "And the fewest?", "Why?")
     for url in chatbot_front(f"{router.url}/v1", tmp_path, docs_dir):
-        headers = {"Authorization": f"Bearer {ALICE_KEY}"}
-        with httpx.Client(base_url=url, headers=headers, timeout=180) as alice:
+        with client(url) as alice:
             conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
             homes = []
             for question in questions:
