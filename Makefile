@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench openapi model postgresql chromium web clean vllm test-vllm-scale
+.PHONY: run test lint format bench openapi model postgresql chromium web clean vllm
 
 $(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
