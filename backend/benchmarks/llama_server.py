@@ -99,10 +99,11 @@ def llama_server(
     model_path: Path,
     parallel: int,
     cache_ram_mib: int | None,
-    context_tokens: int = 8192,
+    context_tokens: int = 4096,
 ) -> Iterator[Target]:
-    """``llama-server --parallel N``, each slot ``context_tokens`` long; ``cache_ram_mib``:
-    its host-RAM prompt cache (``--cache-ram``), None for none (0 turns it off)."""
+    """``llama-server --parallel N``, each slot ``context_tokens`` long (it sizes its KV
+    as N slots of that, so a slot is kept to what a conversation of the workloads needs);
+    ``cache_ram_mib``: its host-RAM prompt cache (``--cache-ram``), None for none."""
     port = free_port()
     threads = str(os.cpu_count() or 1)
     command = [

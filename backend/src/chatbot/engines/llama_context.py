@@ -36,6 +36,10 @@ class LlamaError(RuntimeError):
     """llama.cpp refused an operation: the context's contents are no longer known."""
 
 
+class PoolFull(LlamaError):
+    """``llama_decode`` found no room in the KV pool for the batch, and stored none of it."""
+
+
 @dataclass(frozen=True, slots=True)
 class BatchItem:
     token: int
@@ -187,9 +191,11 @@ class LlamaContext:
             batch.logits[i] = item.wants_logits
         batch.n_tokens = len(items)
         status = llama_cpp.llama_decode(self.ctx, batch)
+        if status == 1:
+            raise PoolFull("no room in the KV pool for the batch")
         if status != 0:
-            # 1: no room in the KV pool; 2: aborted; <0: an error. Sequences whose tokens
-            # were partly stored are in an unknown state either way.
+            # 2: aborted; <0: an error. Sequences whose tokens were partly stored are in an
+            # unknown state.
             raise LlamaError(f"llama_decode returned {status}")
 
     # -- sequences ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from chatbot.engines.base import (
     SamplingParams,
     TokenDelta,
 )
-from chatbot.engines.llama_context import BatchItem, LlamaContext, LlamaError, Sampler
+from chatbot.engines.llama_context import BatchItem, LlamaContext, LlamaError, PoolFull, Sampler
 from chatbot.engines.stops import StopScanner
 from chatbot.kvcache import KVCache, PromptKey, Reuse
 from chatbot.kvcache.keys import shareable_prefix
@@ -106,6 +106,8 @@ class _Slot:
     job: Job | None = None
     used_at: int = 0
     pinned: bool = False
+    borrowed: int = 0
+    """Leading tokens whose cells a pinned sequence holds too: they cost the pool nothing."""
 
     @property
     def key(self) -> PromptKey:
@@ -309,24 +311,31 @@ class Scheduler:
 
     def _make_room(self, job: Job, slot: _Slot) -> bool:
         """Whether the pool can hold all that ``job`` may write into ``slot``, evicting
-        idle sequences, least recently used first, as needed. Counting each sequence's
-        tokens in full overcounts shared prefixes: the pool never overflows."""
+        idle sequences, least recently used first, as needed. Cells shared with a pinned
+        preamble are counted once, other shared cells once per sequence: the estimate errs
+        on the safe side, but for a saved state loaded into cells of its own, for which
+        ``_decode`` makes room."""
         job.max_new = min(job.sampling.max_tokens, self._sequence_tokens - len(job.key.tokens))
-        need = len(job.key.tokens) + job.max_new
+        limit = len(job.key.tokens) - 1
+        pinned = max((min(shareable_prefix(p.key, job.key), limit) for p in self._pins), default=0)
+        need = len(job.key.tokens) + job.max_new - pinned
         idle = sorted(
             (s for s in self._slots if s.job is None and s.tokens and s is not slot),
             key=lambda s: s.used_at,
         )
-        running = sum(len(j.key.tokens) + j.max_new for j in self._running)
-        held = sum(len(s.tokens) for s in (*self._pins, *idle))
+        running = sum(_reserved(j) for j in self._running)
+        held = sum(len(s.tokens) - s.borrowed for s in (*self._pins, *idle))
         while running + held + need > self._context.pool_tokens:
             if not idle:
                 return False
-            victim = idle.pop(0)
-            held -= len(victim.tokens)
-            self._context.clear(victim.seq_id)
-            victim.tokens = array("i")
+            held -= len(idle[0].tokens) - idle[0].borrowed
+            self._evict(idle.pop(0))
         return True
+
+    def _evict(self, slot: _Slot) -> None:
+        self._context.clear(slot.seq_id)
+        slot.tokens = array("i")
+        slot.borrowed = 0
 
     def _start(self, job: Job, slot: _Slot) -> None:
         """Give ``job`` its sequence, holding as much of its prompt as any tier can."""
@@ -338,6 +347,7 @@ class Scheduler:
         live = self._take_resident_prefix(slot, key) if self._kv_cache is not None else 0
         if live == 0:
             context.clear(slot.seq_id)
+            slot.borrowed = 0
         slot.tokens = array("i", key.tokens[:live])
         slot.owner, slot.public_tokens = key.owner, key.public_tokens
         if job.pin:
@@ -345,6 +355,8 @@ class Scheduler:
             return
         if self._kv_cache is not None:
             job.reuse = self._kv_cache.prepare(_SequenceView(context, slot), key, live)
+            if job.reuse.tier is not CacheTier.LIVE:
+                slot.borrowed = 0  # a saved state was loaded into cells of its own
         job.sampler = context.sampler(
             temperature=job.sampling.temperature, top_p=job.sampling.top_p, seed=job.sampling.seed
         )
@@ -361,10 +373,14 @@ class Scheduler:
         source = max(held, key=held.__getitem__, default=None)
         if source is None or held[source] <= in_place:
             if in_place and self._context.keep_first(slot.seq_id, in_place):
+                slot.borrowed = min(slot.borrowed, in_place)
                 return in_place
+            slot.borrowed = 0
             return 0
-        self._context.share(source.seq_id, slot.seq_id, held[source])
-        return held[source]
+        n = held[source]
+        self._context.share(source.seq_id, slot.seq_id, n)
+        slot.borrowed = n if source.pinned else min(source.borrowed, n)
+        return n
 
     def _resident(self) -> list[_Slot]:
         return [slot for slot in (*self._slots, *self._pins) if slot.tokens]
@@ -399,7 +415,7 @@ class Scheduler:
         if not items:
             return
         try:
-            self._context.decode(items)
+            self._decode(items)
         except LlamaError:
             logger.exception("llama_decode failed")
             self._fail([job for job, _ in chunks])
@@ -416,6 +432,23 @@ class Scheduler:
         for job, output in outputs:
             assert job.sampler is not None
             self._sampled(job, job.sampler.sample(self._context, output))
+
+    def _decode(self, items: list[BatchItem]) -> None:
+        """One ``llama_decode``. Admission keeps the pool from filling, but a saved state
+        loaded into a sequence takes cells of its own where the reservation counted shared
+        ones: then idle sequences make room, least recently used first."""
+        idle = sorted(
+            (s for s in self._slots if s.job is None and s.tokens), key=lambda s: s.used_at
+        )
+        while True:
+            try:
+                self._context.decode(items)
+                return
+            except PoolFull:
+                if not idle:
+                    raise
+                logger.warning("the KV pool is full: evicting an idle sequence")
+                self._evict(idle.pop(0))
 
     def _sampled(self, job: Job, token: int) -> None:
         assert job.text is not None
@@ -491,8 +524,13 @@ class Scheduler:
             job.emit(EngineFailure("the model failed while generating"))
             self._release(job, save=False)
             if job.slot is not None:
-                self._context.clear(job.slot.seq_id)
-                job.slot.tokens = array("i")
+                self._evict(job.slot)
+
+
+def _reserved(job: Job) -> int:
+    """Cells ``job`` may take in the pool: its prompt and answer, but what it borrows."""
+    borrowed = job.slot.borrowed if job.slot is not None else 0
+    return len(job.key.tokens) + job.max_new - borrowed
 
 
 def _prompt_left(job: Job) -> int:
