@@ -955,17 +955,23 @@ def concurrent_bench(
             )
             for p in dict.fromkeys(ours_parallel)
         }
+        # With one slot, llama-server consults its RAM cache only when the slot would keep
+        # less than half of what it holds; a long shared preamble keeps more, so its cache
+        # is also run the way a user tuning it would: slots picked by age, not similarity.
+        variants = [()] if not interleaved else [(), ("--slot-prompt-similarity", "0")]
         for n in peers:
-            name = f"llama-server --parallel {n} --cache-ram 2048"
-            factories[name] = partial(
-                llama_server_peer,
-                name,
-                binary=binary,
-                users=count,
-                model_path=_model_path(),
-                parallel=n,
-                cache_ram_mib=2048,
-            )
+            for extra in variants:
+                name = " ".join([f"llama-server --parallel {n} --cache-ram 2048", *extra])
+                factories[name] = partial(
+                    llama_server_peer,
+                    name,
+                    binary=binary,
+                    users=count,
+                    model_path=_model_path(),
+                    parallel=n,
+                    cache_ram_mib=2048,
+                    extra=extra,
+                )
         for name, factory in factories.items():
             with factory() as target:
                 typer.echo(f"  {count} users: {name} ...", err=True)

@@ -100,6 +100,7 @@ def llama_server(
     parallel: int,
     cache_ram_mib: int | None,
     context_tokens: int = 4096,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[Target]:
     """``llama-server --parallel N``, each slot ``context_tokens`` long (it sizes its KV
     as N slots of that, so a slot is kept to what a conversation of the workloads needs);
@@ -131,6 +132,7 @@ def llama_server(
         str(cache_ram_mib if cache_ram_mib is not None else 0),
         "--no-webui",
         "--log-disable",
+        *extra,
     ]
     url = f"http://127.0.0.1:{port}"
     with running(command, dict(os.environ), f"{url}/health") as process:
@@ -144,6 +146,7 @@ def llama_server(
             notes={
                 "parallel": parallel,
                 "cache_ram_mib": cache_ram_mib or 0,
+                "extra": " ".join(extra),
                 "llama_cpp": f"vendored by llama-cpp-python {llama_cpp.__version__}",
             },
         )

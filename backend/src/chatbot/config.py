@@ -121,7 +121,7 @@ class Settings(BaseSettings):
         "sequence, the rest for prompt chunks of those being admitted.",
     )
     parallel: int = Field(
-        default=8,
+        default=16,
         ge=1,
         le=64,
         description="Requests the embedded engine answers at once, each on its own sequence "
