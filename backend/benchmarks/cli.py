@@ -1011,6 +1011,14 @@ def concurrent_bench(
     lines += report.table(header, body)
     result["runs"] = runs
     name = "multi-round-peer" if interleaved else "concurrent"
+    if len(counts) > 1:
+        # The same server as one line: "CHATBOT_PARALLEL=1", the default, and llama-server
+        # whose --parallel follows the users.
+        series = [{**run, "target": run["target"].split(" --parallel")[0]} for run in runs]
+        report.plot_by_users(
+            series, RESULTS / f"{name}_ttft.png", "Follow-up TTFT, p50 (solid) and p95 (dashed)"
+        )
+        lines += ["", f"![Follow-up TTFT by users]({name}_ttft.png)"]
     _write(name, result, lines)
     return result
 

@@ -131,3 +131,28 @@ def plot_prefill(runs: list[Run], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_by_users(runs: list[Run], path: Path, title: str) -> None:
+    """Follow-up TTFT p50 (solid) and p95 (dashed) against users at once, per server."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    servers = list(dict.fromkeys(run["target"] for run in runs))
+    for server in servers:
+        mine = sorted((r for r in runs if r["target"] == server), key=lambda r: r["users"])
+        users = [r["users"] for r in mine]
+        (line,) = ax.plot(
+            users, [r["summary"]["follow_up_ttft_p50_ms"] for r in mine], marker="o", label=server
+        )
+        ax.plot(
+            users,
+            [r["summary"]["follow_up_ttft_p95_ms"] for r in mine],
+            linestyle="--",
+            color=line.get_color(),
+        )
+    ax.set(title=title, xlabel="users at once", ylabel="follow-up TTFT (ms)", yscale="log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
