@@ -14,7 +14,7 @@ import pytest
 
 from chatbot.engines import chat_format
 from chatbot.engines.base import Finished, GenerationRequest, SamplingParams, TokenDelta
-from chatbot.engines.openai import OpenAIEngine, affinity_key
+from chatbot.engines.openai import SERVER_STOPS, OpenAIEngine, affinity_key
 from chatbot.models.domain import ChatMessage
 from chatbot.models.errors import (
     ContextLengthExceeded,
@@ -220,6 +220,21 @@ async def test_the_transcript_stops_go_with_every_request_before_the_callers_own
     )
     await run(transport, with_stops)
     plain, merged = (json.loads(r.content)["stop"] for r in transport.requests)
-    assert plain == list(chat_format.STOPS)
+    # No more than vLLM takes by default; the rest are watched for by the engine itself.
+    assert plain == merged == list(chat_format.STOPS[:SERVER_STOPS])
     assert "\nUser:" in plain
-    assert merged == [*chat_format.STOPS, "END"]
+
+
+async def test_a_stop_the_server_was_not_given_ends_the_answer_here() -> None:
+    transport = VLLMReplay(ok(sse(delta("It is 4."), delta(" END and more"), USAGE)))
+    request = GenerationRequest(
+        messages=REQUEST.messages,
+        sampling=SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0, stop=("END",)),
+        cache_salt="alice",
+    )
+    events = await run(transport, request)
+    text = "".join(e.text for e in events if isinstance(e, TokenDelta))
+    assert text == "It is 4. "
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.finish_reason == "stop"

@@ -24,7 +24,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -39,6 +40,7 @@ from chatbot.engines.base import (
     GenerationRequest,
     TokenDelta,
 )
+from chatbot.engines.stops import StopScanner
 from chatbot.models.domain import Timing, Usage
 from chatbot.models.errors import (
     ChatbotError,
@@ -50,6 +52,10 @@ from chatbot.models.errors import (
 )
 
 logger = logging.getLogger(__name__)
+
+SERVER_STOPS = 4
+"""Stop strings sent to the server: vLLM's default limit (VLLM_MAX_STOP_STRINGS), and
+OpenAI's."""
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 LONGEST_RETRY_WAIT_S = 1.0
@@ -146,7 +152,7 @@ class OpenAIEngine(Engine):
     async def submit(self, request: GenerationRequest) -> Generation:
         body = self._body(request)
         headers = {self._affinity_header: affinity_key(request.session)} if request.session else {}
-        generation = _RemoteGeneration(self, body, headers)
+        generation = _RemoteGeneration(self, body, headers, _stops(request))
         await generation.send()
         return generation
 
@@ -214,7 +220,9 @@ class OpenAIEngine(Engine):
         }
         # The transcript template (deploy/vllm/transcript.jinja) needs its turn markers as
         # stops, or the model goes on to write the user's next turn; the caller's own follow.
-        body["stop"] = list(dict.fromkeys((*chat_format.STOPS, *sampling.stop)))
+        # The server gets the first few (vLLM refuses more than VLLM_MAX_STOP_STRINGS, 4 by
+        # default, as OpenAI does); every one is also watched for here.
+        body["stop"] = list(_stops(request)[:SERVER_STOPS])
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         return body
@@ -316,9 +324,16 @@ def _retry_after(response: httpx.Response) -> float | None:
 class _RemoteGeneration(Generation):
     """One streamed chat completion; counted as waiting until its first token."""
 
-    def __init__(self, engine: OpenAIEngine, body: dict[str, Any], headers: dict[str, str]) -> None:
+    def __init__(
+        self,
+        engine: OpenAIEngine,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        stops: tuple[str, ...],
+    ) -> None:
         self._engine = engine
         self._body = body
+        self._stops = stops
         self._headers = headers
         self._response: httpx.Response | None = None
         self._submitted_at = time.perf_counter()
@@ -354,12 +369,25 @@ class _RemoteGeneration(Generation):
             if self.closed():
                 return
             stream = _Stream()
+            scanner = StopScanner(self._stops)
             try:
-                async for delta in stream.read(self._require_response()):
-                    if first_at is None:
-                        first_at = time.perf_counter()
-                        self._set_waiting(False)
-                    yield TokenDelta(delta)
+                async with aclosing(stream.read(self._require_response())) as deltas:
+                    async for delta in deltas:
+                        text = scanner.feed(delta)
+                        if text:
+                            if first_at is None:
+                                first_at = time.perf_counter()
+                                self._set_waiting(False)
+                            yield TokenDelta(text)
+                        if scanner.stopped:
+                            # A stop the server was not given: closing the stream aborts
+                            # the request there (its usage, sent last, is then not known).
+                            stream.finish_reason = "stop"
+                            break
+                tail = scanner.flush()
+                if tail:
+                    first_at = first_at or time.perf_counter()
+                    yield TokenDelta(tail)
                 break
             except (httpx.HTTPError, httpx.StreamError, _StreamBroken) as exc:
                 if self.closed():
@@ -421,7 +449,7 @@ class _Stream:
         self.finish_reason: FinishReason = "stop"
         self._finished = False
 
-    async def read(self, response: httpx.Response) -> AsyncIterator[str]:
+    async def read(self, response: httpx.Response) -> AsyncGenerator[str, None]:
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue  # blank separators, comments, event names
@@ -449,6 +477,10 @@ class _Stream:
                 self.usage = _usage(chunk["usage"])
         if not self._finished:
             raise _StreamBroken("the stream ended before the answer finished")
+
+
+def _stops(request: GenerationRequest) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*chat_format.STOPS, *request.sampling.stop)))
 
 
 def _chunk_error(error: Any) -> str:

@@ -95,8 +95,9 @@ _MAX_TOKENS_DOC = (
 )
 
 MAX_STOP_SEQUENCES = 10
-"""A client's stop strings: the openai engine adds its transcript's 6, and vLLM takes at most
-VLLM_MAX_STOP_STRINGS, which deploy/ sets to 16 (OpenAI's own limit is 4)."""
+"""A client's stop strings, each watched for in the streamed text (the engines scan for them;
+the openai engine also hands the server the first 4 of its own and the client's, as many as
+vLLM takes by default)."""
 StopString = Annotated[
     str,
     Field(min_length=1, max_length=200, json_schema_extra={"pattern": TEXT_PATTERN}),
