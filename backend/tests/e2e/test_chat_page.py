@@ -65,7 +65,7 @@ def test_a_conversation_streams_answers_and_reuses_the_cache(
 
         badge = page.badge(answer)
         assert badge.agent == "assistant"
-        assert badge.ttft_ms >= 0
+        assert 0 < badge.ttft_ms < 60_000, badge
         shares.append(badge.cached_percent)
         assert page.find("#send").is_displayed()
 

@@ -95,7 +95,7 @@ class KVCache:
         self,
         *,
         namespace: bytes,
-        chunk_tokens: int = 256,
+        chunk_tokens: int = 64,
         ram_bytes: int = 0,
         disk_bytes: int = 0,
         disk_dir: Path | None = None,
