@@ -25,7 +25,10 @@ from chatbot.models.errors import (
 
 pytestmark = pytest.mark.anyio
 
-MODELS = {"object": "list", "data": [{"id": "served", "max_model_len": 32768}]}
+MODELS = {
+    "object": "list",
+    "data": [{"id": "served", "owned_by": "vllm", "max_model_len": 32768}],
+}
 REQUEST = GenerationRequest(
     messages=(ChatMessage(role="user", content="Hello"),),
     sampling=SamplingParams(max_tokens=8, temperature=0.0, top_p=1.0),
@@ -238,3 +241,17 @@ async def test_a_stop_the_server_was_not_given_ends_the_answer_here() -> None:
     finished = events[-1]
     assert isinstance(finished, Finished)
     assert finished.finish_reason == "stop"
+
+
+async def test_vllm_streams_its_stops_and_the_engine_cuts_them_keeping_the_usage() -> None:
+    # vLLM would hold back the first characters of every answer until no stop could begin
+    # there; told to stream stops, it does not, and the engine cuts the stop off itself.
+    transport = VLLMReplay(ok(sse(delta("It is 4."), delta("\nUser: and", "stop"), USAGE)))
+    events = await run(transport)
+    assert json.loads(transport.requests[0].content)["include_stop_str_in_output"] is True
+    text = "".join(e.text for e in events if isinstance(e, TokenDelta))
+    assert text == "It is 4."
+    finished = events[-1]
+    assert isinstance(finished, Finished)
+    assert finished.usage is not None
+    assert finished.usage.cached_tokens == 96  # read to the end of the stream

@@ -14,14 +14,17 @@ class StopScanner:
         self._stops = tuple(stop for stop in stops if stop)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None
+        """The stop string that ended the text."""
 
     def feed(self, piece: str) -> str:
         """Add a piece; returns the text that is now safe to emit."""
         if self.stopped:
             return ""
         text = self._held + piece
-        cut = min((i for i in (text.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, stop) for stop in self._stops if (i := text.find(stop)) >= 0]
+        if found:
+            cut, self.matched = min(found)
             self.stopped = True
             self._held = ""
             return text[:cut]
