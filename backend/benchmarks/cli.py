@@ -992,7 +992,7 @@ def concurrent_bench(
                     "target": name,
                     "notes": target.notes,
                     "summary": numbers,
-                    "rows": concurrent.as_dicts(turns),
+                    "rows": as_dicts(turns),
                 }
             )
             body.append(

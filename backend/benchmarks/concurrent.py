@@ -19,7 +19,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +27,10 @@ import llama_cpp
 
 from benchmarks.client import Reply, chat
 from benchmarks.servers import Target
-from benchmarks.workloads import SYSTEM_PROMPT, question, user_document
+from benchmarks.workloads import SYSTEM_PROMPT, Row, question, user_document
 from chatbot.engines import chat_format
 from chatbot.engines.llama_context import PENALTY_LAST_N, REPEAT_PENALTY
 from chatbot.models.domain import ChatMessage
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    user: int
-    round: int
-    ttft_ms: float
-    total_ms: float
-    prompt_tokens: int
-    cached_tokens: int | None
-    completion_tokens: int
 
 
 def note(user: int) -> str:
@@ -65,9 +53,13 @@ class Prompts:
 
     def tokens(self, messages: list[ChatMessage]) -> list[int]:
         rendered = chat_format.render(messages, few_shot=True, public_messages=1)
-        tokens: list[int] = [self._llm.token_bos()]
-        for segment in rendered.segments:
-            tokens += self._llm.tokenize(segment.encode(), add_bos=False, special=False)
+        tokens, _ = chat_format.prompt_tokens(
+            rendered, bos=self._llm.token_bos(), tokenize=self._tokenize
+        )
+        return tokens
+
+    def _tokenize(self, text: str) -> list[int]:
+        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=False, special=False)
         return tokens
 
 
@@ -131,11 +123,11 @@ def llama_server_asker(prompts: Prompts) -> Ask:
 
 def take_turns(
     target: Target, ask: Ask, *, users: int, rounds: int, answer_tokens: int
-) -> tuple[list[Turn], float]:
+) -> tuple[list[Row], float]:
     """The multi-round workload: users take turns, one request at a time, round-robin, so
     each user's next question comes after every other user's turn; (turns, wall seconds)."""
     conversations = [[ChatMessage(role="system", content=SYSTEM_PROMPT)] for _ in range(users)]
-    turns: list[Turn] = []
+    turns: list[Row] = []
     began = time.perf_counter()
     with httpx.Client(base_url=target.url, timeout=600) as http:
         for r in range(1, rounds + 1):
@@ -146,15 +138,15 @@ def take_turns(
                 messages.append(ChatMessage(role="user", content=content))
                 reply = ask(http, user, messages, answer_tokens)
                 messages.append(ChatMessage(role="assistant", content=reply.text))
-                turns.append(Turn(user, r, **_timings(reply)))
+                turns.append(Row.of(user, r, reply))
     return turns, time.perf_counter() - began
 
 
 def play(
     target: Target, ask: Ask, *, users: int, rounds: int, answer_tokens: int, seed: int = 1
-) -> tuple[list[Turn], float]:
+) -> tuple[list[Row], float]:
     """Every user's conversation at once, each on its own thread; (turns, wall seconds)."""
-    turns: list[Turn] = []
+    turns: list[Row] = []
     lock = threading.Lock()
     start = threading.Barrier(users)
     failures: list[BaseException] = []
@@ -173,7 +165,7 @@ def play(
                     reply = ask(http, user, messages, answer_tokens)
                     messages.append(ChatMessage(role="assistant", content=reply.text))
                     with lock:
-                        turns.append(Turn(user, r, **_timings(reply)))
+                        turns.append(Row.of(user, r, reply))
                     time.sleep(rng.uniform(1.0, 3.0))
         except BaseException as exc:
             failures.append(exc)
@@ -190,17 +182,7 @@ def play(
     return turns, time.perf_counter() - began
 
 
-def _timings(reply: Reply) -> dict[str, Any]:
-    return {
-        "ttft_ms": reply.ttft_ms,
-        "total_ms": reply.total_ms,
-        "prompt_tokens": reply.prompt_tokens,
-        "cached_tokens": reply.cached_tokens,
-        "completion_tokens": reply.completion_tokens,
-    }
-
-
-def summary(turns: list[Turn], wall_s: float) -> dict[str, Any]:
+def summary(turns: list[Row], wall_s: float) -> dict[str, Any]:
     follow_ups = [t for t in turns if t.round >= 2]
     ttft = sorted(t.ttft_ms for t in follow_ups)
     per_token = sorted(
@@ -227,7 +209,3 @@ def _p(values: list[float], q: float) -> float | None:
     if q == 0.5:
         return round(statistics.median(values), 1)
     return round(values[max(0, min(len(values) - 1, round(q * (len(values) - 1))))], 1)
-
-
-def as_dicts(turns: list[Turn]) -> list[dict[str, Any]]:
-    return [asdict(t) for t in turns]

@@ -108,10 +108,8 @@ class Teacher:
 
     def prompt(self, messages: Sequence[ChatMessage]) -> list[int]:
         rendered = chat_format.render([SYSTEM, *messages], few_shot=True)
-        tokens = [self.context.bos()]
-        for segment in rendered.segments:
-            tokens += self.context.tokenize(segment)
-        return tokens
+        context = self.context
+        return chat_format.prompt_tokens(rendered, bos=context.bos(), tokenize=context.tokenize)[0]
 
     def logits(self, output: int) -> npt.NDArray[np.float32]:
         row = llama_cpp.llama_get_logits_ith(self.context.ctx, output)

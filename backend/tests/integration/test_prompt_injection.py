@@ -191,13 +191,11 @@ def test_prompts_with_forged_lines_extend_each_other_token_for_token(model_path:
 
     def tokens(messages: list[ChatMessage]) -> tuple[list[int], int]:
         prompt = chat_format.render(messages, few_shot=True, public_messages=1)
-        ids = [vocab.token_bos()]
-        public = 1
-        for i, segment in enumerate(prompt.segments):
-            ids += vocab.tokenize(segment.encode(), add_bos=False, special=False)
-            if i < prompt.public_segments:
-                public = len(ids)
-        return ids, public
+        return chat_format.prompt_tokens(
+            prompt,
+            bos=vocab.token_bos(),
+            tokenize=lambda text: vocab.tokenize(text.encode(), add_bos=False, special=False),
+        )
 
     def whole(messages: list[ChatMessage]) -> list[int]:
         """As vLLM tokenizes a rendered chat template: the text at once."""

@@ -18,7 +18,7 @@ line of every message (system prompt, documents, questions, answers) that would 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from chatbot.models.domain import ChatMessage
@@ -89,6 +89,21 @@ def render(
             public_segments = len(segments)
     segments.append(ASSISTANT_PREFIX)
     return RenderedPrompt(segments, public_segments)
+
+
+def prompt_tokens(
+    rendered: RenderedPrompt, *, bos: int, tokenize: Callable[[str], list[int]]
+) -> tuple[list[int], int]:
+    """The prompt's tokens after a BOS, and how many of them are public. Segment by segment,
+    so that a message gives the same tokens whatever follows it: turn k+1's prompt then
+    starts with exactly turn k's tokens. ``tokenize`` must not parse special tokens."""
+    tokens = [bos]
+    public_tokens = 1
+    for i, segment in enumerate(rendered.segments):
+        tokens += tokenize(segment)
+        if i < rendered.public_segments:
+            public_tokens = len(tokens)
+    return tokens, public_tokens
 
 
 def prompt_text(rendered: RenderedPrompt) -> str:

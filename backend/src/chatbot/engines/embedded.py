@@ -239,16 +239,9 @@ class EmbeddedEngine(EngineBase):
         return self._kv_cache.owner_stats(owner_digest(cache_salt))
 
     def tokenize(self, prompt: chat_format.RenderedPrompt) -> tuple[list[int], int]:
-        """The prompt's tokens, and how many of them are public material. Segment by
-        segment, so that a message gives the same tokens whatever follows it."""
+        """The prompt's tokens, and how many of them are public material."""
         context = self.context
-        tokens = [context.bos()]
-        public_tokens = 1
-        for i, segment in enumerate(prompt.segments):
-            tokens += context.tokenize(segment)
-            if i < prompt.public_segments:
-                public_tokens = len(tokens)
-        return tokens, public_tokens
+        return chat_format.prompt_tokens(prompt, bos=context.bos(), tokenize=context.tokenize)
 
     def prompt_key(self, request: GenerationRequest) -> PromptKey:
         prompt = chat_format.render(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,10 +212,6 @@ class LlamaContext:
         self.clear(target)
         llama_cpp.llama_memory_seq_cp(self._memory, source, target, 0, n_tokens)
 
-    def held(self, seq_id: int) -> int:
-        """How many positions ``seq_id`` holds (0 to n)."""
-        return int(llama_cpp.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
-
     def export_state(self, seq_id: int) -> bytearray:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
         payload = bytearray(size)
@@ -247,7 +242,3 @@ class LlamaContext:
 def _c_bytes(payload: bytearray) -> Any:
     """A ctypes view of ``payload``, without a copy."""
     return (ctypes.c_uint8 * len(payload)).from_buffer(payload)
-
-
-def token_array(tokens: Sequence[int]) -> array[int]:
-    return array("i", tokens)
