@@ -10,8 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from chatbot.api.middleware import PAGE_CSP
 from chatbot.web import VENDOR_FILES, WEB_DIR, install_page, installed_vendor_files
+from chatbot.web.headers import PAGE_CSP
 from tests.conftest import LiveServer
 
 ASSETS = ("/static/app.js", "/static/style.css")

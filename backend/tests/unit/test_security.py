@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from starlette.staticfiles import StaticFiles
 
 from chatbot.api.app import create_app
-from chatbot.api.middleware import API_CSP, PAGE_CSP, ResponseHeaders
+from chatbot.api.middleware import API_CSP
 from chatbot.config import Settings
+from chatbot.web.headers import PAGE_CSP, ResponseHeaders
 
 KEYS = "k-0123456789abcdef=alice"
 PAGE = "https://chat.example.com"

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from uuid import uuid4
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,13 +22,6 @@ access_logger = logging.getLogger("chatbot.access")
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 """The API's policy: its JSON and event streams load nothing and are framed by nothing."""
-
-PAGE_CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-)
-"""A web page served by this app: its own scripts, styles and images, and calls to this API
-only. Give it with ``ResponseHeaders`` around a static mount, or as a route's header."""
 
 
 async def _gone() -> Message:
@@ -159,8 +152,9 @@ class RequestContextMiddleware:
 
 class SecurityHeadersMiddleware:
     """Adds the security headers every response should carry, except where the response set
-    the header itself: a page, or a static mount wrapped in ``ResponseHeaders``, brings its
-    own ``Content-Security-Policy`` (``PAGE_CSP``) and caching, and keeps them.
+    the header itself: a page, or a static mount wrapped in ``ResponseHeaders``
+    (``chatbot.web.headers``), brings its own ``Content-Security-Policy`` (``PAGE_CSP``) and
+    caching, and keeps them.
 
     ``csp_exempt`` are paths that get no default policy: FastAPI's interactive docs, which
     load their scripts from a CDN and run an inline one.
@@ -191,31 +185,6 @@ class SecurityHeadersMiddleware:
                 present = {name.lower() for name, _ in headers}
                 headers += [(name, value) for name, value in defaults if name not in present]
                 message["headers"] = headers
-            await send(message)
-
-        await self._app(scope, receive, send_with_headers)
-
-
-class ResponseHeaders:
-    """Sets ``headers`` on every response of the wrapped app (a static mount, a sub-app),
-    replacing what it set; ``SecurityHeadersMiddleware`` then leaves them alone."""
-
-    def __init__(self, app: ASGIApp, headers: Mapping[str, str]) -> None:
-        self._app = app
-        self._headers = [
-            (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
-        ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self._app(scope, receive, send)
-            return
-        names = {name for name, _ in self._headers}
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
-                message["headers"] = [*kept, *self._headers]
             await send(message)
 
         await self._app(scope, receive, send_with_headers)

@@ -20,7 +20,7 @@ from starlette.responses import FileResponse
 from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from chatbot.api.middleware import PAGE_CSP, ResponseHeaders
+from chatbot.web.headers import PAGE_HEADERS, ResponseHeaders
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ VENDOR_FILES = {
     "purify.es.mjs": Path("dompurify/dist/purify.es.mjs"),
 }
 """The URL name of each library file, and where npm puts it under ``node_modules/``."""
-
-# The page, script and style change with the app; a browser may keep them but asks first
-# (they carry an ETag), instead of the API's no-store.
-PAGE_HEADERS = {"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-cache"}
 
 
 class _File:
