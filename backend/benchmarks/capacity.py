@@ -2,7 +2,7 @@
 
 The costs are the simulated engine's (``chatbot.engines.simulated.GpuModel``: Llama-3.1-8B
 in bf16 on one H100 80 GB), so the load tests and this model share one source of truth.
-Assumptions, all stated in ``chatbot bench capacity --help`` too:
+Assumptions, all stated in ``python -m benchmarks capacity --help`` too:
 
 - Requests arrive evenly: ``users x messages_per_minute / 60`` a second. Every request
   carries ``context_tokens`` of prompt (system prompt, documents, the conversation so far)

@@ -1,4 +1,4 @@
-"""``python -m benchmarks`` and ``chatbot bench``: the KV-cache benchmarks.
+"""``python -m benchmarks`` (run from ``backend/``): the KV-cache benchmarks.
 
 Each workload runs, in one invocation and on the same machine, against the chatbot with
 its cache off, with its tiered KV cache, and against llama-cpp-python's own server with

@@ -33,7 +33,6 @@ says what each command needs.""",
 chatbot serve                      # the API on http://localhost:8000, docs at /docs
 chatbot chat                       # chat in this terminal on the embedded engine
 chatbot chat --url http://127.0.0.1:8000 --api-key "$KEY"
-chatbot bench multi-round          # one benchmark; results in benchmarks/results/
 ```
 """,
     no_args_is_help=True,
@@ -272,30 +271,6 @@ def openapi(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-
-
-@app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def bench(ctx: typer.Context) -> None:
-    """Run the benchmarks (see `chatbot bench --help`); results go to benchmarks/results/.
-
-    The benchmarks: state-io, multi-round, repeated, long, agents, openai, load, capacity,
-    all. Each starts its own servers on loopback.
-
-    **Needs** the dev extra (`pip install 'lmcache-chatbot[dev]'`) and a quiet machine:
-    the figures are timings.
-
-    **Examples:** `chatbot bench multi-round`, `chatbot bench all`
-    """
-    try:
-        from benchmarks.cli import app as benchmarks_app
-    except ImportError as exc:  # installed without the dev extra
-        raise typer.BadParameter(
-            f"the benchmarks need the dev extra (pip install 'lmcache-chatbot[dev]'): {exc}"
-        ) from exc
-    benchmarks_app(args=ctx.args, prog_name="chatbot bench")
 
 
 def main() -> None:
