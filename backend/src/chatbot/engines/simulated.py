@@ -11,9 +11,10 @@ that a GPU replica would keep:
   cached tokens that LMCache held in CPU RAM back to the GPU (``GpuModel``), and
 - the other tokens follow at ``decode_tokens_per_s``, one a decode step.
 
-The prefix cache is keyed as the real ones are: chained hashes of 256-token chunks (LMCache's
-``chunk_size``), the public part of the prompt unsalted and shared by every user, the rest
-salted with the request's ``cache_salt``. Two tiers: the GPU's own prefix cache (reported as
+The prefix cache is keyed as the real ones are, by the KV cache's own keys
+(``chatbot.kvcache.keys``): chained hashes of 256-token chunks (LMCache's ``chunk_size``),
+the public part of the prompt unsalted and shared by every user, the rest salted with the
+request's ``cache_salt``. Two tiers: the GPU's own prefix cache (reported as
 ``live``) and LMCache's CPU RAM (``ram``), each least-recently-used within a token budget.
 So ``usage.cached_tokens`` and ``cache_tier`` follow from the workload.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,6 +48,7 @@ from chatbot.engines.base import (
     GenerationRequest,
     TokenDelta,
 )
+from chatbot.kvcache.keys import PromptKey, chunk_hashes, owner_digest
 from chatbot.models.cache import CacheStats, CacheTier, LookupStats, TierStats
 from chatbot.models.domain import ChatMessage, Timing, Usage
 from chatbot.models.errors import ContextLengthExceeded, EngineOverloaded, ServiceUnavailable
@@ -156,23 +159,19 @@ class _Prompt:
         return count_tokens(self.text)
 
 
-def _owner(salt: str) -> bytes:
-    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"sim-owner").digest()
+_NAMESPACE = b"simulated"
 
 
 def _chunk_hashes(text: str, public_chars: int, owner: bytes) -> list[bytes]:
     """The chain hash at the end of every full chunk of ``text``: a chunk wholly inside
-    the public part is unsalted, any other carries its owner."""
-    size = CHUNK_TOKENS * CHARS_PER_TOKEN
-    hashes: list[bytes] = []
-    previous = b"simulated"
-    for end in range(size, len(text) + 1, size):
-        h = hashlib.blake2b(previous, digest_size=16)
-        h.update(b"" if end <= public_chars else owner)
-        h.update(text[end - size : end].encode())
-        previous = h.digest()
-        hashes.append(previous)
-    return hashes
+    the public part is unsalted, any other carries its owner.
+
+    The KV cache's keys hash token ids; here each character stands for one (its code point,
+    copied in one pass by the UTF-32 codec), so a chunk of ``CHUNK_TOKENS`` tokens is
+    ``CHARS_PER_TOKEN`` times as many characters and equal hashes still mean equal text."""
+    code_points = array("i", text.encode("utf-32-le"))
+    key = PromptKey(code_points, public_tokens=public_chars, owner=owner)
+    return chunk_hashes(key, namespace=_NAMESPACE, chunk_tokens=CHUNK_TOKENS * CHARS_PER_TOKEN)
 
 
 class _Lru:
@@ -364,12 +363,14 @@ class SimulatedEngine(Engine):
         return self.cache.stats()
 
     def user_cache_stats(self, cache_salt: str) -> LookupStats | None:
-        return self.cache.owner_stats(_owner(cache_salt))
+        return self.cache.owner_stats(owner_digest(cache_salt))
 
     def prompt(self, request: GenerationRequest) -> _Prompt:
         public = "".join(_render(m) for m in request.messages[: request.public_messages])
         rest = "".join(_render(m) for m in request.messages[request.public_messages :])
-        return _Prompt(public + rest + _GENERATION_PROMPT, len(public), _owner(request.cache_salt))
+        return _Prompt(
+            public + rest + _GENERATION_PROMPT, len(public), owner_digest(request.cache_salt)
+        )
 
     async def submit(self, request: GenerationRequest) -> Generation:
         if not self._ready:
