@@ -12,7 +12,8 @@ import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
 
-from chatbot.services.storage import open_storage
+from chatbot.agents.state import checkpoint_serializer
+from chatbot.persistence.storage import open_storage
 from tests.conftest import store_url_for
 
 
@@ -33,7 +34,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def test_keep_latest_leaves_one_whole_checkpoint_per_thread(store_url: str) -> None:
     async def scenario() -> None:
-        async with open_storage(store_url) as storage:
+        async with open_storage(store_url, serde=checkpoint_serializer()) as storage:
             saver = storage.checkpointer
             graph = (
                 StateGraph(State)

@@ -1,4 +1,4 @@
-"""Conformance suite of the conversation store, run against every implementation: in
+"""Conformance suite of the conversation index, run against every implementation: in
 memory, SQLite, and PostgreSQL (a server of the test session's own)."""
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from chatbot.agents.state import checkpoint_serializer
 from chatbot.models.domain import Conversation, utcnow
 from chatbot.models.errors import Conflict, NotFound
-from chatbot.services.storage import open_storage
-from chatbot.services.store import ConversationStore
+from chatbot.persistence.index import ConversationIndex
+from chatbot.persistence.storage import open_storage
 from tests.conftest import store_url_for
 
-Scenario = Callable[[ConversationStore], Awaitable[None]]
+Scenario = Callable[[ConversationIndex], Awaitable[None]]
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
@@ -30,7 +31,7 @@ def on_store(store_url: str) -> Callable[[Scenario], None]:
 
     def run(scenario: Scenario) -> None:
         async def opened() -> None:
-            async with open_storage(store_url) as storage:
+            async with open_storage(store_url, serde=checkpoint_serializer()) as storage:
                 await scenario(storage.index)
 
         asyncio.run(opened())
@@ -38,7 +39,7 @@ def on_store(store_url: str) -> Callable[[Scenario], None]:
     return run
 
 
-async def make(store: ConversationStore, user: str, n: int) -> list[Conversation]:
+async def make(store: ConversationIndex, user: str, n: int) -> list[Conversation]:
     start = utcnow()
     made = []
     for i in range(n):
@@ -51,7 +52,7 @@ async def make(store: ConversationStore, user: str, n: int) -> list[Conversation
 
 
 def test_newest_first_with_pages(on_store: Callable[[Scenario], None]) -> None:
-    async def scenario(store: ConversationStore) -> None:
+    async def scenario(store: ConversationIndex) -> None:
         made = await make(store, "alice", 5)
         page, more = await store.recent("alice", limit=2, after=None)
         assert [c.id for c in page] == [made[4].id, made[3].id]
@@ -64,7 +65,7 @@ def test_newest_first_with_pages(on_store: Callable[[Scenario], None]) -> None:
 
 
 def test_another_users_conversation_does_not_exist(on_store: Callable[[Scenario], None]) -> None:
-    async def scenario(store: ConversationStore) -> None:
+    async def scenario(store: ConversationIndex) -> None:
         (mine,) = await make(store, "alice", 1)
         assert await store.recent("bob", limit=10, after=None) == ([], False)
         for attempt in (
@@ -82,7 +83,7 @@ def test_another_users_conversation_does_not_exist(on_store: Callable[[Scenario]
 
 
 def test_touch_records_activity(on_store: Callable[[Scenario], None]) -> None:
-    async def scenario(store: ConversationStore) -> None:
+    async def scenario(store: ConversationIndex) -> None:
         (conversation,) = await make(store, "alice", 1)
         later = conversation.updated_at + timedelta(minutes=5)
         await store.touch("alice", conversation.id, later)
@@ -92,7 +93,7 @@ def test_touch_records_activity(on_store: Callable[[Scenario], None]) -> None:
 
 
 def test_rename_and_delete(on_store: Callable[[Scenario], None]) -> None:
-    async def scenario(store: ConversationStore) -> None:
+    async def scenario(store: ConversationIndex) -> None:
         (conversation,) = await make(store, "alice", 1)
         renamed = await store.rename("alice", conversation.id, "New title")
         assert renamed.title == "New title"
@@ -105,7 +106,7 @@ def test_rename_and_delete(on_store: Callable[[Scenario], None]) -> None:
 
 
 def test_one_turn_at_a_time(on_store: Callable[[Scenario], None]) -> None:
-    async def scenario(store: ConversationStore) -> None:
+    async def scenario(store: ConversationIndex) -> None:
         (conversation,) = await make(store, "alice", 1)
         assert (await store.claim_turn("alice", conversation.id)).id == conversation.id
         with pytest.raises(Conflict):
@@ -125,8 +126,8 @@ def test_a_claim_of_a_process_that_is_gone_is_taken_over(store_url: str) -> None
         pytest.skip("an in-memory store is never shared")
 
     async def scenario() -> None:
-        async with open_storage(store_url) as second:
-            async with open_storage(store_url) as first:
+        async with open_storage(store_url, serde=checkpoint_serializer()) as second:
+            async with open_storage(store_url, serde=checkpoint_serializer()) as first:
                 (conversation,) = await make(first.index, "alice", 1)
                 await first.index.claim_turn("alice", conversation.id)
                 with pytest.raises(Conflict):

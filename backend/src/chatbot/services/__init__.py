@@ -1,1 +1,1 @@
-"""Conversation and turn lifecycle, stores and limits: what the API's routes call."""
+"""Conversation and turn lifecycle, and limits: what the API's routes call."""

@@ -33,7 +33,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from chatbot.models.domain import Conversation, utcnow
 from chatbot.models.errors import NotFound
-from chatbot.services.store import ConversationStore, turn_in_progress
+from chatbot.persistence.index import ConversationIndex, turn_in_progress
 
 Row = dict[str, Any]
 
@@ -71,7 +71,7 @@ def _owner_key(owner: str) -> int:
     return int.from_bytes(hashlib.blake2b(owner.encode(), digest_size=4).digest()) & 0x7FFFFFFF
 
 
-class SQLStore(ConversationStore):
+class SQLIndex(ConversationIndex):
     def __init__(self, owner: str) -> None:
         self.owner = owner
 
@@ -179,7 +179,7 @@ def _conversation(row: Row) -> Conversation:
     return Conversation.model_validate({k: v for k, v in row.items() if k != "turn_owner"})
 
 
-class SQLiteStore(SQLStore):
+class SQLiteIndex(SQLIndex):
     """For one host: the processes sharing the file must see the same lock files."""
 
     def __init__(self, path: Path, owner: str) -> None:
@@ -208,7 +208,7 @@ class SQLiteStore(SQLStore):
 
     def _db(self) -> aiosqlite.Connection:
         if self._conn is None:
-            raise RuntimeError("the store is not open")
+            raise RuntimeError("the index is not open")
         return self._conn
 
     def _time(self, when: datetime) -> object:
@@ -251,7 +251,7 @@ async def connect_sqlite(path: Path) -> aiosqlite.Connection:
     return conn
 
 
-class PostgresStore(SQLStore):
+class PostgresIndex(SQLIndex):
     def __init__(self, pool: AsyncConnectionPool[Any], conninfo: str, owner: str) -> None:
         super().__init__(owner)
         self._pool = pool
@@ -270,7 +270,7 @@ class PostgresStore(SQLStore):
     def schema_lock(self) -> _SchemaLock:
         """Serialises schema set-up across replicas starting at the same time."""
         if self._liveness is None:
-            raise RuntimeError("the store is not open")
+            raise RuntimeError("the index is not open")
         return _SchemaLock(self._liveness)
 
     async def aclose(self) -> None:

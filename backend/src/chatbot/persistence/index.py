@@ -7,7 +7,7 @@ Every read and write takes the owner's user id, so that no code path can reach a
 user's conversation: to a caller, someone else's conversation does not exist.
 
 The index is also where a turn is claimed: one turn at a time per conversation, across every
-API replica sharing the store. A claim names the process that holds it, so that a replica
+API replica sharing the database. A claim names the process that holds it, so that a replica
 that died in the middle of a turn is seen to be gone and its claim taken over.
 """
 
@@ -27,7 +27,7 @@ def turn_in_progress() -> Conflict:
     )
 
 
-class ConversationStore(ABC):
+class ConversationIndex(ABC):
     @abstractmethod
     async def create(self, conversation: Conversation) -> None: ...
 
@@ -66,7 +66,7 @@ class ConversationStore(ABC):
         """Close connections."""
 
 
-class InMemoryStore(ConversationStore):
+class MemoryIndex(ConversationIndex):
     def __init__(self) -> None:
         self._conversations: dict[str, Conversation] = {}
         self._turns: set[str] = set()

@@ -1,6 +1,9 @@
 """Where conversations live, chosen by ``CHATBOT_STORE_URL``: the conversation index and the
 agents' checkpointer, always side by side in the same database.
 
+The checkpointer reads checkpoints back with the ``serde`` it is given: the agents' own,
+which rebuilds only their state's types (this package knows nothing of them).
+
 - ``memory://`` (the default): this process only; gone at exit.
 - ``sqlite:///path/to/chatbot.db``: durable on one host; processes on that host may share it.
 - ``postgresql://user:password@host/db``: durable and shared by any number of API replicas.
@@ -17,27 +20,27 @@ from urllib.parse import urlsplit
 
 from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.serde.base import SerializerProtocol
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from chatbot.agents.state import checkpoint_serializer
 from chatbot.models.errors import ConfigurationError
-from chatbot.services.checkpoints import PrunedInMemorySaver, PrunedSqliteSaver
-from chatbot.services.sql_store import (
-    PostgresStore,
-    SQLiteStore,
+from chatbot.persistence.checkpoints import PrunedInMemorySaver, PrunedSqliteSaver
+from chatbot.persistence.index import ConversationIndex, MemoryIndex
+from chatbot.persistence.sql import (
+    PostgresIndex,
+    SQLiteIndex,
     connect_sqlite,
     new_owner_id,
 )
-from chatbot.services.store import ConversationStore, InMemoryStore
 
 SCHEMES = ("memory", "sqlite", "postgresql", "postgres")
 
 
 @dataclass(frozen=True, slots=True)
 class Storage:
-    index: ConversationStore
+    index: ConversationIndex
     checkpointer: BaseCheckpointSaver[Any]
     kind: str
 
@@ -51,15 +54,17 @@ def sqlite_path(url: str) -> Path:
 
 
 @asynccontextmanager
-async def open_storage(url: str, *, pool_size: int = 20) -> AsyncIterator[Storage]:
+async def open_storage(
+    url: str, *, serde: SerializerProtocol, pool_size: int = 20
+) -> AsyncIterator[Storage]:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
-        yield Storage(InMemoryStore(), PrunedInMemorySaver(serde=checkpoint_serializer()), scheme)
+        yield Storage(MemoryIndex(), PrunedInMemorySaver(serde=serde), scheme)
     elif scheme == "sqlite":
-        async with _sqlite(sqlite_path(url)) as storage:
+        async with _sqlite(sqlite_path(url), serde) as storage:
             yield storage
     elif scheme in ("postgresql", "postgres"):
-        async with _postgres(url, pool_size) as storage:
+        async with _postgres(url, pool_size, serde) as storage:
             yield storage
     else:
         raise ConfigurationError(
@@ -68,14 +73,14 @@ async def open_storage(url: str, *, pool_size: int = 20) -> AsyncIterator[Storag
 
 
 @asynccontextmanager
-async def _sqlite(path: Path) -> AsyncIterator[Storage]:
+async def _sqlite(path: Path, serde: SerializerProtocol) -> AsyncIterator[Storage]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    index = SQLiteStore(path, new_owner_id())
+    index = SQLiteIndex(path, new_owner_id())
     await index.open()
     try:
         conn = await connect_sqlite(path)
         try:
-            saver = PrunedSqliteSaver(conn, serde=checkpoint_serializer())
+            saver = PrunedSqliteSaver(conn, serde=serde)
             await saver.setup()
             yield Storage(index, saver, "sqlite")
         finally:
@@ -85,7 +90,7 @@ async def _sqlite(path: Path) -> AsyncIterator[Storage]:
 
 
 @asynccontextmanager
-async def _postgres(url: str, pool_size: int) -> AsyncIterator[Storage]:
+async def _postgres(url: str, pool_size: int, serde: SerializerProtocol) -> AsyncIterator[Storage]:
     pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
         url,
         min_size=1,
@@ -96,10 +101,10 @@ async def _postgres(url: str, pool_size: int) -> AsyncIterator[Storage]:
     )
     async with pool:
         await pool.wait()
-        index = PostgresStore(pool, url, new_owner_id())
+        index = PostgresIndex(pool, url, new_owner_id())
         await index.open()
         try:
-            saver = AsyncPostgresSaver(pool, serde=checkpoint_serializer())
+            saver = AsyncPostgresSaver(pool, serde=serde)
             async with index.schema_lock():
                 await saver.setup()
             yield Storage(index, saver, "postgresql")
