@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from chatbot.kvcache.keys import PromptKey, chunk_hashes, common_prefix_length, shareable_prefix
-from chatbot.kvcache.tiers import DiskTier, EntryMeta, RamTier
+from chatbot.kvcache.tiers import DiskTier, EntryMeta, RamTier, Tier
 from chatbot.models.cache import CacheStats, CacheTier, LookupStats, TierStats
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,6 @@ class _Entry:
     meta: EntryMeta
     hashes: list[bytes]
     tier: CacheTier
-    size: int
 
     @property
     def key(self) -> PromptKey:
@@ -118,20 +117,19 @@ class KVCache:
         self._by_hash: dict[bytes, dict[str, None]] = {}  # insertion-ordered sets
         self._by_last_hash: dict[bytes, set[str]] = {}
         self._ram = RamTier(ram_bytes)
-        self._disk = (
-            DiskTier(disk_dir / namespace.hex(), disk_bytes)
-            if disk_dir is not None and disk_bytes > 0
-            else None
-        )
+        # The saved tiers, fastest first: what one pushes out moves to the next.
+        self._tiers: dict[CacheTier, Tier] = {CacheTier.RAM: self._ram}
         self._counters = _Counters()
-        if self._disk is not None:
-            for meta in self._disk.scan():
-                self._index(meta, CacheTier.DISK, self._disk_size(meta.id))
-            logger.info("KV cache: saved states found on disk: %d", len(self._disk))
+        if disk_dir is not None and disk_bytes > 0:
+            disk = DiskTier(disk_dir / namespace.hex(), disk_bytes)
+            self._tiers[CacheTier.DISK] = disk
+            for meta in disk.scan():
+                self._index(meta, CacheTier.DISK)
+            logger.info("KV cache: saved states found on disk: %d", len(disk))
 
     @property
     def stores_states(self) -> bool:
-        return self._ram.budget_bytes > 0 or self._disk is not None
+        return any(tier.budget_bytes > 0 for tier in self._tiers.values())
 
     # -- the turn: prepare the context for a prompt, then save what it holds ---------------
 
@@ -169,11 +167,12 @@ class KVCache:
         """Move what RAM holds to disk, within its budget (on a graceful shutdown), so that
         the next process starts warm. The most recently used states are kept first."""
         with self._lock:
-            if self._disk is None:
+            disk = self._tiers.get(CacheTier.DISK)
+            if disk is None:
                 return
             for entry_id, payload in self._ram.drain():
-                self._spill(entry_id, payload)
-            logger.info("KV cache: saved states on disk: %d", len(self._disk))
+                self._spill(entry_id, payload, [CacheTier.DISK])
+            logger.info("KV cache: saved states on disk: %d", len(disk))
 
     # -- lookup, load, store ---------------------------------------------------------------
 
@@ -194,11 +193,7 @@ class KVCache:
         return None
 
     def _load(self, context: SequenceState, entry: _Entry, n_tokens: int) -> bool:
-        if entry.tier is CacheTier.RAM:
-            payload = self._ram.get(entry.meta.id)
-        else:
-            assert self._disk is not None
-            payload = self._disk.get(entry.meta.id)
+        payload = self._tiers[entry.tier].get(entry.meta.id)
         if payload is None:  # a damaged file, already reported by the tier
             self._unindex(entry.meta.id)
             return False
@@ -214,33 +209,40 @@ class KVCache:
             return
         meta = EntryMeta(entry_id, array("i", key.tokens), key.public_tokens, key.owner)
         self._supersede(meta, hashes)
-        if self._ram.fits(len(payload)):
-            self._index(meta, CacheTier.RAM, len(payload), hashes)
-            self._counters.tiers[CacheTier.RAM].stores += 1
-            for old_id, old_payload in self._ram.put(entry_id, payload):
-                self._counters.tiers[CacheTier.RAM].evictions += 1
-                self._spill(old_id, old_payload)
-        else:
-            self._write_to_disk(meta, payload, hashes)
+        self._save(meta, payload, hashes, list(self._tiers))
 
-    def _spill(self, entry_id: str, payload: bytearray) -> None:
-        entry = self._entries[entry_id]
+    def _save(
+        self, meta: EntryMeta, payload: bytearray, hashes: list[bytes], order: list[CacheTier]
+    ) -> None:
+        """Into the first tier of ``order`` that can hold ``payload``; what that pushes out
+        moves on to the tiers after it, or is gone after the last."""
+        for rank, name in enumerate(order):
+            tier = self._tiers[name]
+            if not tier.fits(len(payload)):
+                continue
+            try:
+                evicted = tier.put(meta, payload)
+            except OSError as exc:
+                logger.warning("could not save a KV state to %s: %s", name, exc)
+                return
+            self._index(meta, name, hashes)
+            counters = self._counters.tiers[name]
+            counters.stores += 1
+            for old in evicted:
+                counters.evictions += 1
+                if old.payload is None:
+                    self._unindex(old.id)
+                else:
+                    self._spill(old.id, old.payload, order[rank + 1 :])
+            return
+
+    def _spill(self, entry_id: str, payload: bytearray, order: list[CacheTier]) -> None:
+        """Move an entry, given up by its tier, to the first of ``order`` that holds it."""
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            return
         self._unindex(entry_id)
-        self._write_to_disk(entry.meta, payload, entry.hashes)
-
-    def _write_to_disk(self, meta: EntryMeta, payload: bytearray, hashes: list[bytes]) -> None:
-        if self._disk is None or not self._disk.fits(len(payload)):
-            return
-        try:
-            evicted = self._disk.put(meta, payload)
-        except OSError as exc:
-            logger.warning("could not save a KV state to disk: %s", exc)
-            return
-        for old_id in evicted:
-            self._counters.tiers[CacheTier.DISK].evictions += 1
-            self._unindex(old_id)
-        self._index(meta, CacheTier.DISK, self._disk_size(meta.id), hashes)
-        self._counters.tiers[CacheTier.DISK].stores += 1
+        self._save(entry.meta, payload, entry.hashes, order)
 
     def _supersede(self, meta: EntryMeta, hashes: list[bytes]) -> None:
         """Drop entries that ``meta`` (whose chunk hashes are ``hashes``) makes redundant:
@@ -256,15 +258,13 @@ class KVCache:
 
     # -- the index -------------------------------------------------------------------------
 
-    def _index(
-        self, meta: EntryMeta, tier: CacheTier, size: int, hashes: list[bytes] | None = None
-    ) -> None:
+    def _index(self, meta: EntryMeta, tier: CacheTier, hashes: list[bytes] | None = None) -> None:
         if hashes is None:
             hashes = self._hashes(PromptKey(meta.tokens, meta.public_tokens, meta.owner))
         if not hashes:  # shorter than a chunk: no prompt could ever find it
             self._drop_bytes(meta.id, tier)
             return
-        self._entries[meta.id] = _Entry(meta, hashes, tier, size)
+        self._entries[meta.id] = _Entry(meta, hashes, tier)
         for h in hashes:
             self._by_hash.setdefault(h, {})[meta.id] = None
         self._by_last_hash.setdefault(hashes[-1], set()).add(meta.id)
@@ -290,14 +290,7 @@ class KVCache:
             self._drop_bytes(entry_id, entry.tier)
 
     def _drop_bytes(self, entry_id: str, tier: CacheTier) -> None:
-        if tier is CacheTier.RAM:
-            self._ram.remove(entry_id)
-        elif self._disk is not None:
-            self._disk.remove(entry_id)
-
-    def _disk_size(self, entry_id: str) -> int:
-        assert self._disk is not None
-        return self._disk.size_of(entry_id)
+        self._tiers[tier].remove(entry_id)
 
     # -- counters --------------------------------------------------------------------------
 
@@ -321,13 +314,11 @@ class KVCache:
             total = self._counters.total
             held: dict[CacheTier, tuple[int, int, int | None]] = {
                 CacheTier.LIVE: (resident_sequences, 0, None),
-                CacheTier.RAM: (len(self._ram), self._ram.used_bytes, self._ram.budget_bytes),
-                CacheTier.DISK: (
-                    (len(self._disk), self._disk.used_bytes, self._disk.budget_bytes)
-                    if self._disk is not None
-                    else (0, 0, 0)
-                ),
+                CacheTier.RAM: (0, 0, 0),
+                CacheTier.DISK: (0, 0, 0),
             }
+            for name, tier in self._tiers.items():
+                held[name] = (len(tier), tier.used_bytes, tier.budget_bytes)
             tiers = {
                 tier: TierStats(
                     hits=c.hits,

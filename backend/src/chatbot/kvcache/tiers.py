@@ -1,8 +1,9 @@
 """The tiers that hold saved sequence states outside the llama.cpp context.
 
-Each tier is a least-recently-used map from entry id to bytes within a byte budget. The
-store keeps the index (which tokens each entry holds) and moves entries between tiers;
-a tier only holds bytes and says what it had to push out to make room.
+Each tier is a ``Tier``: a least-recently-used map from entry id to bytes within a byte
+budget. The cache (``store.KVCache``) keeps the index (which tokens each entry holds) and
+moves entries between tiers; a tier only holds bytes and says what it had to push out to
+make room.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,43 @@ class EntryMeta:
     owner: bytes
 
 
-class RamTier:
+class Evicted(NamedTuple):
+    """An entry a tier pushed out to make room."""
+
+    id: str
+    payload: bytearray | None
+    """Its bytes, where the tier held them in memory (to move to a slower tier); None where
+    they are gone (a file deleted)."""
+
+
+class Tier(Protocol):
+    """A least-recently-used map from entry id to bytes, within ``budget_bytes``."""
+
+    budget_bytes: int
+    used_bytes: int
+
+    def __len__(self) -> int: ...
+
+    def fits(self, size: int) -> bool:
+        """Whether a payload of ``size`` bytes could be held at all (with the tier empty)."""
+        ...
+
+    def put(self, meta: EntryMeta, payload: bytearray) -> list[Evicted]:
+        """Hold ``payload`` as entry ``meta.id``; returns what was pushed out to make room,
+        least recently used first. Raises OSError if it could not be written."""
+        ...
+
+    def get(self, entry_id: str) -> bytearray | None:
+        """The entry's bytes, now the most recently used; None if it is not held (or was
+        damaged, and dropped)."""
+        ...
+
+    def remove(self, entry_id: str) -> None:
+        """Drop the entry if held."""
+        ...
+
+
+class RamTier(Tier):
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
         self.used_bytes = 0
@@ -47,14 +84,13 @@ class RamTier:
     def fits(self, size: int) -> bool:
         return size <= self.budget_bytes
 
-    def put(self, entry_id: str, payload: bytearray) -> list[tuple[str, bytearray]]:
-        """Hold ``payload``; returns what was evicted to make room, oldest first."""
-        evicted: list[tuple[str, bytearray]] = []
+    def put(self, meta: EntryMeta, payload: bytearray) -> list[Evicted]:
+        evicted: list[Evicted] = []
         while self._payloads and self.used_bytes + len(payload) > self.budget_bytes:
             old_id, old = self._payloads.popitem(last=False)
             self.used_bytes -= len(old)
-            evicted.append((old_id, old))
-        self._payloads[entry_id] = payload
+            evicted.append(Evicted(old_id, old))
+        self._payloads[meta.id] = payload
         self.used_bytes += len(payload)
         return evicted
 
@@ -87,7 +123,7 @@ class CorruptEntry(Exception):
     pass
 
 
-class DiskTier:
+class DiskTier(Tier):
     """Entries as files in one folder, one per entry, written atomically; they outlive the
     process, and ``scan()`` finds them again after a restart."""
 
@@ -106,9 +142,6 @@ class DiskTier:
 
     def fits(self, size: int) -> bool:
         return size <= self.budget_bytes
-
-    def size_of(self, entry_id: str) -> int:
-        return self._sizes[entry_id]
 
     def _path(self, entry_id: str) -> Path:
         return self.folder / f"{entry_id}{_SUFFIX}"
@@ -132,8 +165,8 @@ class DiskTier:
             self.used_bytes += size
             yield header.meta
 
-    def put(self, meta: EntryMeta, payload: bytearray) -> list[str]:
-        """Write ``payload``; returns the ids evicted to make room, oldest first."""
+    def put(self, meta: EntryMeta, payload: bytearray) -> list[Evicted]:
+        """Write ``payload`` to a file; what is evicted is deleted (its payload is None)."""
         header = json.dumps(
             {
                 "tokens": list(meta.tokens),
@@ -155,12 +188,12 @@ class DiskTier:
         self.used_bytes += size
         return evicted
 
-    def _make_room(self, size: int) -> list[str]:
-        evicted: list[str] = []
+    def _make_room(self, size: int) -> list[Evicted]:
+        evicted: list[Evicted] = []
         while self._sizes and self.used_bytes + size > self.budget_bytes:
             old_id = next(iter(self._sizes))
             self.remove(old_id)
-            evicted.append(old_id)
+            evicted.append(Evicted(old_id, None))
         return evicted
 
     def get(self, entry_id: str) -> bytearray | None:
