@@ -53,7 +53,7 @@ def test_400_max_tokens_over_the_servers_limit(live_server: LiveServer, conversa
 def test_400_prompt_longer_than_the_context(live_server: LiveServer) -> None:
     words = " ".join(f"word{i}" for i in range(2500))
     body = {
-        "model": live_server.services.engine.model_id,
+        "model": live_server.state.engine.model_id,
         "messages": [{"role": "user", "content": words}] * 2,
     }
     with live_server.client() as client:

@@ -250,7 +250,7 @@ def test_openai_api_alices_words_give_bob_no_hit(
             messages.insert(0, {"role": "system", "content": system})
         return messages
 
-    prompt_system = system or live_server.services.settings.system_prompt
+    prompt_system = system or live_server.state.settings.system_prompt
     shared = public_tokens(
         live_server,
         [ChatMessage(role="system", content=prompt_system), ChatMessage(role="user", content="")],
@@ -321,4 +321,4 @@ def test_every_route_refuses_a_missing_or_wrong_key_with_401(
     with live_server.client() as alice:  # and nothing happened
         assert alice.get(f"/v1/conversations/{alices}").json()["title"] == "alice's diary"
         assert len(alice.get(f"/v1/conversations/{alices}/messages").json()["data"]) == 2
-    wait_until(lambda: not live_server.services.engine.queue_depth)
+    wait_until(lambda: not live_server.state.engine.queue_depth)

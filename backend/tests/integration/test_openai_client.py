@@ -54,7 +54,7 @@ def stream_answer(
 def test_streamed_answer_then_a_cached_second_turn(
     client: openai.OpenAI, live_server: LiveServer
 ) -> None:
-    engine = live_server.services.engine
+    engine = live_server.state.engine
     assert isinstance(engine, EmbeddedEngine)
     messages: list[ChatCompletionMessageParam] = [
         {"role": "system", "content": "You are a helpful assistant."},

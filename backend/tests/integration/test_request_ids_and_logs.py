@@ -124,7 +124,7 @@ def test_every_response_carries_its_request_id_and_the_security_headers(
             assert events[-1][0] == "message.end"
 
         body = {
-            "model": live_server.services.engine.model_id,
+            "model": live_server.state.engine.model_id,
             "messages": [{"role": "user", "content": "Hello!"}],
             "max_tokens": 4,
             "stream": True,
@@ -144,7 +144,7 @@ def test_every_response_carries_its_request_id_and_the_security_headers(
 def test_logs_carry_the_request_id_and_never_a_key_or_a_message(
     live_server: LiveServer, server_logs: Lines
 ) -> None:
-    model = live_server.services.engine.model_id
+    model = live_server.state.engine.model_id
     with live_server.client() as alice:
         conversation_id = new_conversation(alice)
         path = f"/v1/conversations/{conversation_id}/messages"

@@ -4,16 +4,18 @@
                    └────────────┘
 
 The conversation id is the thread id and the checkpointer holds the conversation's state.
-The graph reports through LangGraph's custom stream: ``Admitted`` once the engine took the
-answer (or ``Rejected`` if it could not), ``Token`` per piece of text, and ``Answered`` with
-the stored answer. A turn is stopped through its ``TurnControl``, never by cancelling the
-graph: the agent node then still stores the answer as far as it got.
+The graph writes the turn's events (``chatbot.models.turns``) to LangGraph's custom stream:
+``TurnStarted`` once the engine took the answer (or ``TurnRefused`` if it could not),
+``TurnDelta`` per piece of text, then ``TurnEnded`` or ``TurnFailed`` with the answer as
+stored. It generates through a ``LanguageModel`` (``agents.llm``), never through the engine
+itself. A turn is stopped through its ``TurnControl``, never by cancelling the graph: the
+agent node then still stores the answer as far as it got.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast
 
@@ -26,11 +28,11 @@ from langgraph.runtime import Runtime
 
 from chatbot.agents import layout
 from chatbot.agents.documents import Document, DocumentIndex
-from chatbot.agents.llm import AdmittedGeneration, langchain_messages
+from chatbot.agents.llm import LanguageModel, report
 from chatbot.agents.router import RuleRouter, parse_route, routing_prompt
 from chatbot.agents.state import ConversationState, Route, Summary
 from chatbot.config import RouterKind, Settings
-from chatbot.engines.base import Engine, Generation, SamplingParams, TokenDelta
+from chatbot.engines.base import Finished, Generation, SamplingParams, TokenDelta
 from chatbot.models.domain import (
     AgentName,
     ChatMessage,
@@ -40,12 +42,10 @@ from chatbot.models.domain import (
     new_id,
 )
 from chatbot.models.errors import ChatbotError, EngineFailure
+from chatbot.models.turns import TurnDelta, TurnEnded, TurnFailed, TurnRefused, TurnStarted
 from chatbot.observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-Admit = Callable[[layout.Prompt, str, SamplingParams], Awaitable[Generation]]
-"""Admits a prompt to the engine for an agent (or "router", "compaction") or raises."""
 
 ROUTER_SAMPLING = SamplingParams(max_tokens=4, temperature=0.0, top_p=1.0, stop=("\n",))
 COMPACTION_SAMPLING = SamplingParams(max_tokens=200, temperature=0.0, top_p=1.0)
@@ -53,29 +53,7 @@ CHARS_PER_TOKEN = 3
 """A low estimate, so that a new message's tokens are rather over- than under-counted."""
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
-    agent: AgentName
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    error: ChatbotError
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Answered:
-    message: Message
-    error: ChatbotError | None
-
-
-GraphEvent = Admitted | Rejected | Token | Answered
+GraphEvent = TurnRefused | TurnStarted | TurnDelta | TurnEnded | TurnFailed
 
 
 class _Node(Protocol):
@@ -107,13 +85,13 @@ class TurnContext:
     user_id: str
     pinned: AgentName | None
     sampling: SamplingParams
-    admit: Admit
     control: TurnControl = field(default_factory=TurnControl)
     answer_id: str = field(default_factory=lambda: new_id("msg"))
 
 
-class Agents:
-    """The compiled graph and what its nodes share: the preamble, the router, the limits."""
+class TurnGraph:
+    """The compiled graph of one turn and what its nodes share: the preamble, the router,
+    the compaction threshold, the model they generate with."""
 
     def __init__(
         self,
@@ -121,19 +99,17 @@ class Agents:
         documents: tuple[Document, ...],
         checkpointer: BaseCheckpointSaver[Any],
         metrics: Metrics,
-        engine: Engine,
+        model: LanguageModel,
     ) -> None:
-        """``engine``: read for its model's name and window, which a remote engine may
-        learn only after start-up; generation goes through the turn's ``admit``."""
         self.documents = documents
-        self.head = layout.preamble(settings.system_prompt, documents)
+        self.preamble = layout.preamble(settings.system_prompt, documents)
         self._index = DocumentIndex(documents)
         self._rules = RuleRouter(self._index)
         self._router = settings.router
         self._compact_share = settings.compact_at
         self._keep = settings.compact_keep_messages
         self._metrics = metrics
-        self._engine = engine
+        self._model = model
         self.checkpointer = checkpointer
         self.graph = self._build()
 
@@ -219,11 +195,11 @@ class Agents:
             return {"route": rules}
         prompt, public = routing_prompt(question.content)
         try:
-            reply = await _complete(
-                context, layout.Prompt(prompt, public), "router", ROUTER_SAMPLING
+            reply = await self._complete(
+                question, context, layout.Prompt(prompt, public), "router", ROUTER_SAMPLING
             )
         except ChatbotError as exc:
-            runtime.stream_writer(Rejected(exc))
+            runtime.stream_writer(TurnRefused(exc))
             return {"pending": None}
         agent = parse_route(reply)
         if agent is None:
@@ -249,7 +225,7 @@ class Agents:
             + len(question.content) // CHARS_PER_TOKEN
             + 32  # the instruction line and the turn's markers
         )
-        compact_at = int(self._compact_share * self._engine.context_tokens)
+        compact_at = int(self._compact_share * self._model.context_tokens)
         return expected > compact_at and len(kept) - covered > self._keep
 
     async def _compact(
@@ -259,11 +235,13 @@ class Agents:
         start from the summary and extend each other again."""
         messages = state.get("messages", [])
         summary = state.get("summary")
-        prompt = layout.compaction_prompt(self.head, messages, summary)
+        prompt = layout.compaction_prompt(self.preamble, messages, summary)
         try:
-            text = await _complete(runtime.context, prompt, "compaction", COMPACTION_SAMPLING)
+            text = await self._complete(
+                _pending(state), runtime.context, prompt, "compaction", COMPACTION_SAMPLING
+            )
         except ChatbotError as exc:
-            runtime.stream_writer(Rejected(exc))
+            runtime.stream_writer(TurnRefused(exc))
             return {"pending": None}
         kept = layout.kept_messages(messages)
         covers = max(len(kept) - self._keep, summary.covers if summary else 0)
@@ -295,29 +273,51 @@ class Agents:
         route = _route_of(state)
         context, write = runtime.context, runtime.stream_writer
         prompt = layout.turn_prompt(
-            self.head, state.get("messages", []), state.get("summary"), agent, question.content
+            self.preamble, state.get("messages", []), state.get("summary"), agent, question.content
         )
         self._check_prefix(state, prompt.messages, agent)
         try:
-            generation = await context.admit(prompt, agent.value, context.sampling)
+            generation = await self._model.start(
+                prompt,
+                context.sampling,
+                user_id=context.user_id,
+                session=question.conversation_id,
+                purpose=agent.value,
+            )
         except ChatbotError as exc:
-            write(Rejected(exc))
+            write(TurnRefused(exc))
             return {"pending": None, "compacted": False}
-        write(Admitted(agent=agent, reason=route.reason))
+        write(
+            TurnStarted(
+                conversation_id=question.conversation_id,
+                message_id=context.answer_id,
+                agent=agent,
+                route_reason=route.reason,
+            )
+        )
         context.control.attach(generation)
         if context.control.stopped:
             await generation.aclose()
-        model = AdmittedGeneration(generation=generation, model_name=self._engine.model_id)
+        traced: RunnableConfig = {
+            **config,
+            "metadata": {**config.get("metadata", {}), "agent": agent.value},
+        }
         parts: list[str] = []
+        finished: Finished | None = None
         error: ChatbotError | None = None
         try:
-            async for chunk in model.astream(
-                langchain_messages(prompt.messages),
-                {**config, "metadata": {**config.get("metadata", {}), "agent": agent.value}},
+            async for event in report(
+                generation,
+                prompt.messages,
+                traced,
+                model_id=self._model.model_id,
+                sampling=context.sampling,
             ):
-                if isinstance(chunk.content, str) and chunk.content:
-                    parts.append(chunk.content)
-                    write(Token(chunk.content))
+                if isinstance(event, TokenDelta):
+                    parts.append(event.text)
+                    write(TurnDelta(event.text))
+                else:
+                    finished = event
         except ChatbotError as exc:
             error = exc
         except Exception:
@@ -325,13 +325,12 @@ class Agents:
             error = EngineFailure("the answer failed")
         finally:
             await generation.aclose()
-        finished = model.finished
         cited: str | None = None
         if agent is AgentName.KNOWLEDGE and finished is not None:
             cited = self._uncited_source(question.content, "".join(parts))
             if cited is not None:
                 parts.append(layout.source_line(cited))
-                write(Token(layout.source_line(cited)))
+                write(TurnDelta(layout.source_line(cited)))
         status = (
             MessageStatus.FAILED
             if error is not None
@@ -352,7 +351,7 @@ class Agents:
             source=cited,
             error=error.code if error is not None else None,
         )
-        write(Answered(message=answer, error=error))
+        write(TurnEnded(answer) if error is None else TurnFailed(error=error, message=answer))
         update: dict[str, Any] = {
             "messages": [question, answer],
             "pending": None,
@@ -366,6 +365,29 @@ class Agents:
             if finished is not None:
                 update["context_tokens"] = _context_tokens(finished.usage, expected)
         return update
+
+    async def _complete(
+        self,
+        question: Message,
+        context: TurnContext,
+        prompt: layout.Prompt,
+        purpose: str,
+        sampling: SamplingParams,
+    ) -> str:
+        """Generate a short internal answer (a route, a summary) and return its text."""
+        generation = await self._model.start(
+            prompt,
+            sampling,
+            user_id=context.user_id,
+            session=question.conversation_id,
+            purpose=purpose,
+        )
+        parts: list[str] = []
+        async with generation:
+            async for event in generation:
+                if isinstance(event, TokenDelta):
+                    parts.append(event.text)
+        return "".join(parts)
 
     def _uncited_source(self, question: str, answer: str) -> str | None:
         """The document the answer drew on, if the model did not name it: a small model
@@ -386,19 +408,6 @@ class Agents:
         )
         self._metrics.prefix_breaks.labels(reason).inc()
         logger.info("prefix break (%s) before a %s turn", reason, agent.value)
-
-
-async def _complete(
-    context: TurnContext, prompt: layout.Prompt, purpose: str, sampling: SamplingParams
-) -> str:
-    """Generate a short internal answer (a route, a summary) and return its text."""
-    generation = await context.admit(prompt, purpose, sampling)
-    parts: list[str] = []
-    async with generation:
-        async for event in generation:
-            if isinstance(event, TokenDelta):
-                parts.append(event.text)
-    return "".join(parts)
 
 
 def _context_tokens(usage: Usage | None, messages: list[ChatMessage]) -> int:

@@ -1,102 +1,125 @@
-"""The LangChain face of one admitted engine generation.
+"""The turn graph's seam to the engine, and what tracing sees of each call through it.
 
-The engine is used in two steps (admit, then stream) so that a request it cannot take fails
-before a response starts; LangChain's chat models have one. This model wraps a generation
-that was already admitted, so that what LangGraph callback handlers expect of an LLM call
-(start, one event per token, end with usage, error) is reported by LangChain itself: that is
-what Langfuse's handler turns into a generation with its usage and completion start time.
+``LanguageModel`` is what the graph needs of the engine. The graph owns it; the service that
+admits and meters generations (``services.generation.GenerationService``) implements it, so
+the graph never reaches back up into the services and a test can hand it any engine.
+
+``report`` tells the run's LangChain callback handlers (Langfuse's, when tracing is on)
+about one generation as LangChain's own chat models do: start with the prompt, a token
+event per piece of text (the first is the completion start time), then the end with its
+usage, cached tokens included. With no handler it is a plain pass-through.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    HumanMessage,
-    SystemMessage,
-)
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr
+from langchain_core.callbacks import AsyncCallbackManager
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, LLMResult
+from langchain_core.runnables import RunnableConfig
 
-from chatbot.engines.base import Finished, Generation, TokenDelta
+from chatbot.agents.layout import Prompt
+from chatbot.engines.base import EngineEvent, Finished, Generation, SamplingParams, TokenDelta
 from chatbot.models.domain import ChatMessage
 
 
-class AdmittedGeneration(BaseChatModel):
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    generation: Generation = Field(exclude=True)
-    model_name: str
-    _finished: Finished | None = PrivateAttr(default=None)
+class LanguageModel(Protocol):
+    @property
+    def model_id(self) -> str: ...
 
     @property
-    def finished(self) -> Finished | None:
-        """How the generation ended; None if it was stopped before its end."""
-        return self._finished
+    def context_tokens(self) -> int:
+        """The model's window; a remote engine may learn it only after start-up."""
+        ...
 
-    @property
-    def _llm_type(self) -> str:
-        return "lmcache-chatbot"
-
-    def _generate(
+    async def start(
         self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> ChatResult:
-        raise NotImplementedError("an admitted generation is only ever streamed")
+        prompt: Prompt,
+        sampling: SamplingParams,
+        *,
+        user_id: str,
+        session: str,
+        purpose: str,
+    ) -> Generation:
+        """Admit a generation or raise a ``ChatbotError`` (limits, engine full, too long).
 
-    async def _astream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: AsyncCallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> AsyncIterator[ChatGenerationChunk]:
-        produced = False
-        async for event in self.generation:
-            produced = True
+        ``session``: a stable key of the conversation, for engines with replica affinity;
+        ``purpose``: the agent that answers, or "router", "compaction" (a metrics label)."""
+        ...
+
+
+async def report(
+    generation: Generation,
+    messages: Sequence[ChatMessage],
+    config: RunnableConfig,
+    *,
+    model_id: str,
+    sampling: SamplingParams,
+) -> AsyncIterator[EngineEvent]:
+    """``generation``'s events, reported to ``config``'s callback handlers as one LLM call."""
+    manager = AsyncCallbackManager.configure(
+        config.get("callbacks"),
+        inheritable_tags=config.get("tags"),
+        inheritable_metadata={**config.get("metadata", {}), "ls_model_name": model_id},
+    )
+    if not manager.handlers:
+        async for event in generation:
+            yield event
+        return
+    (run,) = await manager.on_chat_model_start(
+        {"name": "lmcache-chatbot"},
+        [_langchain_messages(messages)],
+        invocation_params={
+            "model_name": model_id,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        },
+        name=model_id,
+    )
+    parts: list[str] = []
+    finished: Finished | None = None
+    try:
+        async for event in generation:
             if isinstance(event, TokenDelta):
-                yield ChatGenerationChunk(message=AIMessageChunk(content=event.text))
+                parts.append(event.text)
+                await run.on_llm_new_token(event.text)
             elif isinstance(event, Finished):
-                self._finished = event
-                usage = event.usage
-                yield ChatGenerationChunk(
-                    message=AIMessageChunk(
-                        content="",
-                        usage_metadata=None
-                        if usage is None
-                        else {
-                            "input_tokens": usage.prompt_tokens,
-                            "output_tokens": usage.completion_tokens,
-                            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                            "input_token_details": {"cache_read": usage.cached_tokens},
-                        },
-                        response_metadata={
-                            "finish_reason": event.finish_reason,
-                            "model_name": self.model_name,
-                            "cache_tier": usage.cache_tier.value
-                            if usage and usage.cache_tier
-                            else None,
-                            "ttft_ms": event.timing.ttft_ms,
-                        },
-                    )
-                )
-        if not produced:
-            # Stopped before its first token; LangChain wants at least one chunk.
-            yield ChatGenerationChunk(
-                message=AIMessageChunk(content="", response_metadata={"finish_reason": "stop"})
-            )
+                finished = event
+            yield event
+    except BaseException as exc:
+        await run.on_llm_error(exc)
+        raise
+    await run.on_llm_end(_result("".join(parts), finished, model_id))
 
 
-def langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
+def _result(text: str, finished: Finished | None, model_id: str) -> LLMResult:
+    usage = finished.usage if finished is not None else None
+    message = AIMessage(
+        content=text,
+        usage_metadata=None
+        if usage is None
+        else {
+            "input_tokens": usage.prompt_tokens,
+            "output_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "input_token_details": {"cache_read": usage.cached_tokens},
+        },
+        response_metadata={
+            # None: stopped before its end.
+            "finish_reason": finished.finish_reason if finished is not None else None,
+            "model_name": model_id,
+            "cache_tier": usage.cache_tier.value if usage and usage.cache_tier else None,
+            "ttft_ms": finished.timing.ttft_ms if finished is not None else None,
+        },
+    )
+    output: dict[str, Any] = {"model_name": model_id}
+    return LLMResult(generations=[[ChatGeneration(message=message)]], llm_output=output)
+
+
+def _langchain_messages(messages: Sequence[ChatMessage]) -> list[BaseMessage]:
     kinds: dict[str, type[BaseMessage]] = {
         "system": SystemMessage,
         "user": HumanMessage,

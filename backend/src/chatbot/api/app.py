@@ -11,8 +11,9 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from chatbot import __version__
 from chatbot.agents.documents import load_documents
-from chatbot.agents.graph import Agents
-from chatbot.api.deps import Services
+from chatbot.agents.graph import TurnGraph
+from chatbot.agents.state import checkpoint_serializer
+from chatbot.api.deps import AppState
 from chatbot.api.errors import install_error_handlers
 from chatbot.api.middleware import RequestContextMiddleware, SecurityHeadersMiddleware
 from chatbot.api.routes import cache, conversations, health, openai_compat
@@ -23,10 +24,11 @@ from chatbot.engines.factory import create_engine
 from chatbot.models.domain import ChatMessage
 from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
+from chatbot.persistence.storage import open_storage
+from chatbot.services.completions import CompletionService
 from chatbot.services.conversations import ConversationService
 from chatbot.services.generation import GenerationService
 from chatbot.services.limits import AcceptQueue, RequestRateLimiter, StreamLimiter
-from chatbot.services.storage import open_storage
 from chatbot.web import install_page
 
 
@@ -47,10 +49,18 @@ def create_app(
         async with AsyncExitStack() as stack:
             await running.start()
             stack.push_async_callback(running.aclose)
-            tracer = Tracer(settings)
+            tracer = Tracer(
+                public_key=settings.langfuse_public_key,
+                secret_key=settings.langfuse_secret_key,
+                base_url=settings.langfuse_base_url,
+            )
             stack.callback(tracer.shutdown)
             storage = await stack.enter_async_context(
-                open_storage(settings.store_url, pool_size=settings.store_pool_size)
+                open_storage(
+                    settings.store_url,
+                    serde=checkpoint_serializer(),
+                    pool_size=settings.store_pool_size,
+                )
             )
             metrics.watch_queue(lambda: running.queue_depth)
             metrics.watch_kv_cache(running.cache_stats)
@@ -61,24 +71,22 @@ def create_app(
                 metrics,
                 StreamLimiter(settings.max_streams_per_user, settings.max_streams),
             )
-            agents = Agents(settings, documents, storage.checkpointer, metrics, running)
+            graph = TurnGraph(settings, documents, storage.checkpointer, metrics, generations)
             # The preambles every conversation starts with (the agents', with the documents;
             # the OpenAI-compatible API's, the system prompt alone) are read before the
             # first user arrives; the app is ready only once they are in.
             server_prompt = ChatMessage(role="system", content=settings.system_prompt)
-            for preamble in dict.fromkeys((agents.head, server_prompt)):
+            for preamble in dict.fromkeys((graph.preamble, server_prompt)):
                 await running.warm((preamble,))
-            conversations = ConversationService(
-                storage.index, generations, agents, tracer, settings
-            )
+            conversations = ConversationService(storage.index, generations, graph, tracer, settings)
             # Turns cut short at shutdown are stored before the store closes.
             stack.push_async_callback(conversations.aclose)
-            app.state.services = Services(
+            app.state.chatbot = AppState(
                 settings=settings,
                 metrics=metrics,
                 engine=running,
-                generations=generations,
                 conversations=conversations,
+                completions=CompletionService(generations, settings),
                 tracer=tracer,
                 rate_limiter=RequestRateLimiter(settings.requests_per_minute),
                 accept_queue=accept_queue,

@@ -17,20 +17,20 @@ from chatbot.engines.base import Engine
 from chatbot.models.errors import AuthenticationFailed, Forbidden
 from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
+from chatbot.services.completions import CompletionService
 from chatbot.services.conversations import ConversationService
-from chatbot.services.generation import GenerationService
 from chatbot.services.limits import AcceptQueue, RequestRateLimiter
 
 
 @dataclass(frozen=True, slots=True)
-class Services:
-    """What the app's lifespan builds and every request uses."""
+class AppState:
+    """What the app's lifespan builds and every request uses (``app.state.chatbot``)."""
 
     settings: Settings
     metrics: Metrics
     engine: Engine
-    generations: GenerationService
     conversations: ConversationService
+    completions: CompletionService
     tracer: Tracer
     rate_limiter: RequestRateLimiter
     accept_queue: AcceptQueue | None = None
@@ -53,21 +53,21 @@ def _key_digest(key: bytes) -> bytes:
 # dependency on a worker thread, a thread hop per dependency and request.
 
 
-async def get_services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
+async def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.chatbot
+    return state
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key from CHATBOT_API_KEYS.")
 
 
 async def get_current_user(
-    services: Annotated[Services, Depends(get_services)],
+    state: Annotated[AppState, Depends(get_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
-    keys = services.settings.api_keys
+    keys = state.settings.api_keys
     if not keys:
-        services.rate_limiter.check(LOCAL_USER)
+        state.rate_limiter.check(LOCAL_USER)
         return LOCAL_USER
     if credentials is None:
         raise AuthenticationFailed(
@@ -75,21 +75,19 @@ async def get_current_user(
         )
     # Looked up by the offered key's SHA-256: the time taken depends on that digest alone,
     # which says nothing about any valid key, and stays the same with 10,000 keys as with 2.
-    user = services.key_index.get(_key_digest(credentials.credentials.encode()))
+    user = state.key_index.get(_key_digest(credentials.credentials.encode()))
     if user is None:
         raise AuthenticationFailed("the API key is not valid")
-    services.rate_limiter.check(user)
+    state.rate_limiter.check(user)
     return user
 
 
-async def metrics_reader(
-    services: Annotated[Services, Depends(get_services)], request: Request
-) -> None:
+async def metrics_reader(state: Annotated[AppState, Depends(get_state)], request: Request) -> None:
     """/metrics counts every user's activity together: with CHATBOT_METRICS_TOKEN it needs
     that token; without, it answers loopback clients only (a scraper beside the server).
     The header is read here, not declared as a security scheme: the schema would then say
     /metrics always needs one."""
-    token = services.settings.metrics_token
+    token = state.settings.metrics_token
     if token is not None:
         scheme, _, offered = request.headers.get("authorization", "").partition(" ")
         presented = offered.strip().encode() if scheme.lower() == "bearer" else b""
@@ -114,29 +112,27 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-async def not_overloaded(services: Annotated[Services, Depends(get_services)]) -> None:
+async def not_overloaded(state: Annotated[AppState, Depends(get_state)]) -> None:
     """Refuses a new answer (503) while the process falls behind: first, so that a refusal
     costs next to nothing and the backlog drains."""
-    if services.accept_queue is not None:
-        services.accept_queue.check()
+    if state.accept_queue is not None:
+        state.accept_queue.check()
 
 
-async def _settings(services: Annotated[Services, Depends(get_services)]) -> Settings:
-    return services.settings
+async def _settings(state: Annotated[AppState, Depends(get_state)]) -> Settings:
+    return state.settings
 
 
-async def _conversations(
-    services: Annotated[Services, Depends(get_services)],
-) -> ConversationService:
-    return services.conversations
+async def _conversations(state: Annotated[AppState, Depends(get_state)]) -> ConversationService:
+    return state.conversations
 
 
-async def _generations(services: Annotated[Services, Depends(get_services)]) -> GenerationService:
-    return services.generations
+async def _completions(state: Annotated[AppState, Depends(get_state)]) -> CompletionService:
+    return state.completions
 
 
-ServicesDep = Annotated[Services, Depends(get_services)]
+StateDep = Annotated[AppState, Depends(get_state)]
 CurrentUser = Annotated[str, Depends(get_current_user)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ConversationsDep = Annotated[ConversationService, Depends(_conversations)]
-GenerationsDep = Annotated[GenerationService, Depends(_generations)]
+CompletionsDep = Annotated[CompletionService, Depends(_completions)]

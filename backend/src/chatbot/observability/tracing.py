@@ -13,27 +13,26 @@ from typing import Any
 
 from langchain_core.runnables import RunnableConfig
 
-from chatbot.config import Settings
-
 logger = logging.getLogger(__name__)
 
 
 class Tracer:
-    def __init__(self, settings: Settings) -> None:
-        self._public_key = settings.langfuse_public_key
+    def __init__(
+        self,
+        *,
+        public_key: str | None = None,
+        secret_key: str | None = None,
+        base_url: str | None = None,
+    ) -> None:
+        """On when both keys are given; ``base_url``: Langfuse's, or its cloud when None."""
+        self._public_key = public_key
         self._client: Any = None
-        if settings.tracing_enabled:
+        if public_key and secret_key:
             # Imported only when on: the SDK sets up OpenTelemetry as it loads.
             from langfuse import Langfuse
 
-            self._client = Langfuse(
-                public_key=settings.langfuse_public_key,
-                secret_key=settings.langfuse_secret_key,
-                base_url=settings.langfuse_base_url,
-            )
-            logger.info(
-                "Langfuse tracing on, exporting to %s", settings.langfuse_base_url or "the cloud"
-            )
+            self._client = Langfuse(public_key=public_key, secret_key=secret_key, base_url=base_url)
+            logger.info("Langfuse tracing on, exporting to %s", base_url or "the cloud")
 
     @property
     def enabled(self) -> bool:

@@ -1,5 +1,8 @@
 """Runs one generation on the engine with the product's bookkeeping around it: request
-defaults and limits, the per-user stream limit, and the metrics of what it did."""
+defaults and limits, the per-user stream limit, and the metrics of what it did.
+
+``GenerationService`` is the turn graph's ``LanguageModel`` (``agents.llm``) and what the
+stateless completions (``services.completions``) generate with."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from chatbot.agents.layout import Prompt
 from chatbot.config import Settings
 from chatbot.engines.base import (
     Engine,
@@ -17,9 +21,7 @@ from chatbot.engines.base import (
     SamplingParams,
     TokenDelta,
 )
-from chatbot.models.domain import ChatMessage
 from chatbot.models.errors import InvalidRequest
-from chatbot.models.schemas import CacheStatsResponse
 from chatbot.observability.metrics import Metrics
 from chatbot.services.limits import StreamLimiter
 
@@ -145,41 +147,37 @@ class GenerationService:
             seed=seed,
         )
 
-    def cache_stats(self, user_id: str, *, whole: bool) -> CacheStatsResponse:
-        """The caller's own share of the KV cache's lookups and, when ``whole``, the cache
-        as a whole (all users' counters: for operators only)."""
-        cache = self.engine.cache_stats()
-        return CacheStatsResponse(
-            engine=self._settings.engine.value,
-            enabled=cache is not None,
-            cache=cache if whole else None,
-            user=self.engine.user_cache_stats(user_id),
-        )
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def context_tokens(self) -> int:
+        return self.engine.context_tokens
 
     async def start(
         self,
-        user_id: str,
-        messages: Sequence[ChatMessage],
+        prompt: Prompt,
         sampling: SamplingParams,
         *,
-        public_messages: int = 0,
-        agent: str = "none",
+        user_id: str,
         session: str = "",
+        purpose: str = "none",
     ) -> MeteredGeneration:
         """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long).
 
-        ``public_messages``: how many leading messages are the server's own material, whose
-        KV cache all users share; everything after them is cached for ``user_id`` alone.
-        ``agent`` labels the metrics (see ``Metrics.observe_generation``). ``session``: a
-        stable key of the conversation, for engines with replica affinity.
+        The prompt's ``public_messages`` are the server's own material, whose KV cache all
+        users share; everything after them is cached for ``user_id`` alone. ``purpose``
+        labels the metrics (see ``Metrics.observe_generation``). ``session``: a stable key
+        of the conversation, for engines with replica affinity.
         """
         release = self._limiter.acquire(user_id)
         try:
             request = GenerationRequest(
-                messages=tuple(messages),
+                messages=tuple(prompt.messages),
                 sampling=sampling,
                 cache_salt=user_id,
-                public_messages=public_messages,
+                public_messages=prompt.public_messages,
                 session=session,
             )
             generation = await self.engine.submit(request)
@@ -189,7 +187,7 @@ class GenerationService:
         return MeteredGeneration(
             generation,
             engine_name=self._settings.engine.value,
-            agent=agent,
+            agent=purpose,
             metrics=self._metrics,
             release=release,
             stream_interval_s=self._settings.stream_interval_ms / 1000,

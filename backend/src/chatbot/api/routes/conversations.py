@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
-from chatbot.api.deps import ConversationsDep, CurrentUser, ServicesDep, not_overloaded
+from chatbot.api.deps import ConversationsDep, CurrentUser, StateDep, not_overloaded
 from chatbot.api.errors import error_body
 from chatbot.api.streaming import EventStreamResponse, shutting_down, sse, until_disconnected
 from chatbot.models.domain import Conversation, Message
@@ -21,13 +21,8 @@ from chatbot.models.schemas import (
     MessageList,
     MessageOut,
 )
-from chatbot.services.conversations import (
-    Turn,
-    TurnDelta,
-    TurnEnded,
-    TurnFailed,
-    TurnStarted,
-)
+from chatbot.models.turns import TurnDelta, TurnEnded, TurnFailed, TurnStarted
+from chatbot.services.conversations import Turn
 
 router = APIRouter(prefix="/v1/conversations", tags=["conversations"])
 
@@ -116,7 +111,7 @@ async def send_message(
     body: MessageCreate,
     user: CurrentUser,
     conversations: ConversationsDep,
-    services: ServicesDep,
+    state: StateDep,
     request: Request,
 ) -> MessageOut | Response:
     turn = await conversations.start_turn(
@@ -131,12 +126,12 @@ async def send_message(
             _sse_events(turn),
             on_disconnect=turn.cancel,
             on_close=turn.aclose,
-            drain=services.drain,
-            keepalive_s=services.settings.sse_keepalive_seconds,
+            drain=state.drain,
+            keepalive_s=state.settings.sse_keepalive_seconds,
             last_words=[sse("error", error_body(shutting_down()))],
         )
     try:
-        answer = await until_disconnected(request, _answer(turn), services.drain)
+        answer = await until_disconnected(request, _answer(turn), state.drain)
     finally:
         await turn.aclose()
     if answer is None:

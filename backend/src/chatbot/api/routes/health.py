@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Response
 
-from chatbot.api.deps import ServicesDep, metrics_reader
+from chatbot.api.deps import StateDep, metrics_reader
 from chatbot.models.errors import ServiceUnavailable
 from chatbot.models.schemas import ErrorResponse
 
@@ -17,10 +17,10 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"description": "The model is not loaded yet."}})
-async def readyz(services: ServicesDep) -> dict[str, str]:
-    if not services.engine.ready:
+async def readyz(state: StateDep) -> dict[str, str]:
+    if not state.engine.ready:
         raise ServiceUnavailable("the model is not loaded yet", retry_after=1)
-    return {"status": "ready", "model": services.engine.model_id}
+    return {"status": "ready", "model": state.engine.model_id}
 
 
 @router.get(
@@ -38,10 +38,8 @@ async def readyz(services: ServicesDep) -> dict[str, str]:
         },
     },
 )
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(state: StateDep) -> Response:
     """Prometheus metrics of the whole process, all users together: with
     CHATBOT_METRICS_TOKEN it needs `Authorization: Bearer <token>`; without, it answers
     loopback clients only."""
-    return Response(
-        services.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8"
-    )
+    return Response(state.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")

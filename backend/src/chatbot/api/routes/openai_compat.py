@@ -1,8 +1,5 @@
-"""The OpenAI-compatible API: ``/v1/chat/completions`` and ``/v1/models``.
-
-Stateless, as OpenAI's is: the client sends the whole conversation each time, and the
-engine's prefix cache finds what it has already read.
-"""
+"""The OpenAI-compatible API: ``/v1/chat/completions`` and ``/v1/models``, OpenAI's wire
+format around the stateless completions of ``services.completions``."""
 
 from __future__ import annotations
 
@@ -14,18 +11,11 @@ from uuid import uuid4
 
 from fastapi import APIRouter, Depends, Request, Response
 
-from chatbot.api.deps import (
-    CurrentUser,
-    GenerationsDep,
-    ServicesDep,
-    SettingsDep,
-    not_overloaded,
-)
+from chatbot.api.deps import CompletionsDep, CurrentUser, StateDep, not_overloaded
 from chatbot.api.errors import error_body
 from chatbot.api.streaming import EventStreamResponse, shutting_down, sse, until_disconnected
 from chatbot.engines.base import Finished, TokenDelta
-from chatbot.models.domain import ChatMessage
-from chatbot.models.errors import ChatbotError, EngineFailure, InvalidRequest, NotFound
+from chatbot.models.errors import ChatbotError, EngineFailure
 from chatbot.models.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -52,9 +42,10 @@ _STARTED = int(time.time())
 
 
 @router.get("/models", responses=_ERRORS)
-async def list_models(_: CurrentUser, generations: GenerationsDep) -> ModelList:
-    engine = generations.engine
-    card = ModelCard(id=engine.model_id, created=_STARTED, max_model_len=engine.context_tokens)
+async def list_models(_: CurrentUser, completions: CompletionsDep) -> ModelList:
+    card = ModelCard(
+        id=completions.model_id, created=_STARTED, max_model_len=completions.context_tokens
+    )
     return ModelList(data=[card])
 
 
@@ -90,49 +81,14 @@ stream silent for `CHATBOT_SSE_KEEPALIVE_SECONDS` gets a comment line (`: keep-a
 async def create_chat_completion(
     body: ChatCompletionRequest,
     user: CurrentUser,
-    generations: GenerationsDep,
-    settings: SettingsDep,
-    services: ServicesDep,
+    completions: CompletionsDep,
+    state: StateDep,
     request: Request,
 ) -> ChatCompletion | Response:
-    if (parameter := body.unsupported_parameter()) is not None:
-        raise InvalidRequest(
-            f"{parameter!r} is not supported by this server; send the request without it",
-            code="unsupported_parameter",
-        )
-    model_id = generations.engine.model_id
-    if body.model != model_id:
-        raise NotFound(
-            f"the model {body.model!r} does not exist; this server serves {model_id!r}",
-            code="model_not_found",
-        )
-    messages = [
-        ChatMessage(role="system" if m.role == "developer" else m.role, content=m.text())
-        for m in body.messages
-    ]
-    if not any(m.role == "system" for m in messages):
-        # The server's system prompt, so that both APIs share one cached preamble.
-        messages.insert(0, ChatMessage(role="system", content=settings.system_prompt))
-    # A client's own system prompt is its own content, cached for it alone, unless it is
-    # the server's, which everyone shares.
-    server_prompt = messages[0] == ChatMessage(role="system", content=settings.system_prompt)
-    stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    sampling = generations.sampling(
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=stop,
-        seed=body.seed,
-    )
-    generation = await generations.start(
-        user,
-        messages,
-        sampling,
-        public_messages=1 if server_prompt else 0,
-        session=_session(user, messages),
-    )
+    generation = await completions.start(user, body)
     completion_id = f"chatcmpl-{uuid4().hex}"
     created = int(time.time())
+    model_id = completions.model_id
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = _chunks(generation, completion_id, created, model_id, include_usage)
@@ -140,24 +96,17 @@ async def create_chat_completion(
             chunks,
             on_disconnect=generation.aclose,
             on_close=generation.aclose,
-            drain=services.drain,
-            keepalive_s=settings.sse_keepalive_seconds,
+            drain=state.drain,
+            keepalive_s=state.settings.sse_keepalive_seconds,
             last_words=[sse(None, error_body(shutting_down())), sse(None, "[DONE]")],
         )
     try:
         result = await until_disconnected(
-            request, _complete(generation, completion_id, created, model_id), services.drain
+            request, _complete(generation, completion_id, created, model_id), state.drain
         )
     finally:
         await generation.aclose()
     return Response(status_code=499) if result is None else result
-
-
-def _session(user: str, messages: list[ChatMessage]) -> str:
-    """This API is stateless, so a conversation is known by its user and its first
-    message, which every later request of the conversation repeats."""
-    first = next((m.content for m in messages if m.role != "system"), "")
-    return f"{user}\n{first}"
 
 
 async def _complete(
