@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 
 from benchmarks.servers import Target
+from chatbot.sse import parse_sse
 
 TURNS = (
     "Hi! I am planning a week of hiking in {place} in May.",
@@ -52,21 +53,17 @@ def _turn(
     sent = time.perf_counter()
     first: float | None = None
     end: dict[str, Any] = {}
-    event = ""
     path = f"/conversations/{conversation}/messages"
     with client.stream("POST", path, json=body, headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                if event == "token" and first is None:
-                    first = time.perf_counter()
-                elif event == "message.end":
-                    end = json.loads(line[5:])
-                elif event == "error":
-                    raise RuntimeError(line[5:])
+        for event in parse_sse(response.iter_lines()):
+            if event.event == "token" and first is None:
+                first = time.perf_counter()
+            elif event.event == "message.end":
+                end = json.loads(event.data)
+            elif event.event == "error":
+                raise RuntimeError(event.data)
     return round(((first or time.perf_counter()) - sent) * 1000, 1), end
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from chatbot.sse import parse_sse
+
 
 @dataclass(frozen=True, slots=True)
 class Reply:
@@ -44,10 +46,10 @@ def chat(
     with client.stream("POST", "/chat/completions", json=body, headers=headers) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
-        for line in response.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+        for event in parse_sse(response.iter_lines()):
+            if event.data == "[DONE]":
                 continue
-            chunk = json.loads(line[5:])
+            chunk = json.loads(event.data)
             for choice in chunk.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:

@@ -31,6 +31,7 @@ from benchmarks.workloads import SYSTEM_PROMPT, Row, question, user_document
 from chatbot.engines import chat_format
 from chatbot.engines.llama_context import PENALTY_LAST_N, REPEAT_PENALTY
 from chatbot.models.domain import ChatMessage
+from chatbot.sse import parse_sse
 
 
 def note(user: int) -> str:
@@ -93,10 +94,8 @@ def llama_server_asker(prompts: Prompts) -> Ask:
         with client.stream("POST", "/completion", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                chunk = json.loads(line[5:])
+            for event in parse_sse(response.iter_lines()):
+                chunk = json.loads(event.data)
                 text = chunk.get("content") or ""
                 parts.append(text)
                 # The chatbot streams no leading whitespace: the first token counts once

@@ -15,7 +15,7 @@ from rich.console import Console
 from chatbot.client.api import AnswerEnded, CacheReport, ChatApi, Conversation, Timing, Usage
 from chatbot.client.format import answer_summary, conversation_lines, percent, stats_lines
 from chatbot.client.repl import ChatSession
-from chatbot.client.sse import ServerSentEvent, parse_sse
+from chatbot.sse import ServerSentEvent, parse_sse
 
 
 def test_sse_events_names_multi_line_data_and_comments() -> None:

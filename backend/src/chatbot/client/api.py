@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from chatbot.client.sse import parse_sse
+from chatbot.sse import parse_sse
 
 AGENT_CHOICES = ("auto", "assistant", "knowledge", "summarizer")
 

@@ -50,6 +50,7 @@ from chatbot.models.errors import (
     InvalidRequest,
     ServiceUnavailable,
 )
+from chatbot.sse import SSEDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -464,10 +465,11 @@ class _Stream:
         self._finished = False
 
     async def read(self, response: httpx.Response) -> AsyncGenerator[str, None]:
+        feed = SSEDecoder().feed
         async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, comments, event names
-            data = line[5:].strip()
+            data = feed(line)
+            if data is None:
+                continue  # an event's first lines, comments (keep-alives)
             if data == "[DONE]":
                 break
             try:
