@@ -1,7 +1,7 @@
 """A conversation's state: the LangGraph channels checkpointed after every step.
 
 The messages live here and nowhere else; the conversation index (title, owner, pinned agent)
-is kept by the services' store.
+is the persistence package's `ConversationIndex`.
 """
 
 from __future__ import annotations
