@@ -20,7 +20,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from benchmarks.servers import MODEL_ID, Target, free_port, running
+from benchmarks.servers import MODEL_ID, Target
+from chatbot.client.local_server import ServerProcess, free_port
 
 
 def binary_path(cache_dir: Path) -> Path:
@@ -135,13 +136,13 @@ def llama_server(
         *extra,
     ]
     url = f"http://127.0.0.1:{port}"
-    with running(command, dict(os.environ), f"{url}/health") as process:
+    with ServerProcess(command, ready_url=f"{url}/health", env=os.environ) as server:
         yield Target(
             name=name,
             url=url,
             keys=["unused"] * users,
             sends_system_prompt=True,
-            process=process,
+            process=server.popen,
             is_chatbot=False,
             notes={
                 "parallel": parallel,

@@ -51,7 +51,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any, cast
 
-from benchmarks.servers import free_port, running
+from chatbot.client.local_server import ServerProcess, free_port
 
 LAG_BUCKET_MS = 1.0
 LAG_BUCKETS = 60_000  # 1 ms buckets up to a minute; later lands in the last one
@@ -457,8 +457,9 @@ def simulated_server(settings: LoadSettings) -> Iterator[Server]:
             }
         )
         ready = f"http://127.0.0.1:{port}/readyz"
-        with running(SERVER_COMMAND, env, ready, cwd=folder) as process:
-            yield Server(port, process)
+        with ServerProcess(SERVER_COMMAND, ready_url=ready, env=env, cwd=folder) as server:
+            assert server.popen is not None
+            yield Server(port, server.popen)
 
 
 # --- a run ---------------------------------------------------------------------------------

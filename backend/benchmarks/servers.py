@@ -5,11 +5,9 @@ server (with and without its ``LlamaRAMCache``), on the same GGUF."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from chatbot.client.local_server import ServerProcess, free_port
 
 MODEL_ID = "bench-model"
 
@@ -52,45 +52,6 @@ class Target:
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024, 1)
         return 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    process.kill()
-    raise RuntimeError(f"{url} did not become ready")
-
-
-@contextmanager
-def running(
-    command: list[str], env: dict[str, str], ready_url: str, cwd: str | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """The command's process, once ``ready_url`` answers 200; stopped on the way out."""
-    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL)
-    try:
-        _wait_ready(ready_url, process)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 @contextmanager
@@ -134,13 +95,13 @@ def chatbot(
         }
         command = [sys.executable, "-m", "chatbot", "serve"]
         url = f"http://127.0.0.1:{port}"
-        with running(command, settings, f"{url}/readyz") as process:
+        with ServerProcess(command, ready_url=f"{url}/readyz", env=settings) as server:
             yield Target(
                 name=name,
                 url=f"{url}/v1",
                 keys=keys,
                 sends_system_prompt=False,
-                process=process,
+                process=server.popen,
                 is_chatbot=True,
                 notes={
                     "cache": cache,
@@ -193,13 +154,13 @@ def llama_cpp_server(
     if chat_format:
         command += ["--chat_format", chat_format]
     url = f"http://127.0.0.1:{port}/v1"
-    with running(command, dict(os.environ), f"{url}/models") as process:
+    with ServerProcess(command, ready_url=f"{url}/models", env=os.environ) as server:
         yield Target(
             name=name,
             url=url,
             keys=["unused"] * users,
             sends_system_prompt=True,
-            process=process,
+            process=server.popen,
             is_chatbot=False,
             notes={
                 "cache": "LlamaRAMCache" if cache else "live context only",

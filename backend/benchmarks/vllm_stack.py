@@ -15,17 +15,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx
 
-from benchmarks.servers import free_port
+from chatbot.client.local_server import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
@@ -77,77 +77,51 @@ def _environment(**extra: str) -> dict[str, str]:
     return env | QUIET | extra
 
 
-@dataclass
-class Process:
-    """One server process with its log file; ``start`` returns once ``ready_url`` answers."""
+class Process(ServerProcess):
+    """One server process of the stack, in a session of its own, with its log file;
+    ``start`` returns once ``ready_url`` answers. Stopping or killing it also removes the
+    shared memory its processes leave behind when killed."""
 
-    name: str
-    command: list[str]
-    env: dict[str, str]
-    log: Path
-    ready_url: str
-    ready_timeout: float = 300.0
-    popen: subprocess.Popen[bytes] | None = None
-    started_at: float = 0.0  # wall clock, to tell this process's shared memory from older
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        log: Path,
+        ready_url: str,
+        ready_timeout: float = 300.0,
+    ) -> None:
+        super().__init__(
+            command,
+            ready_url=ready_url,
+            env=env,
+            log=log,
+            name=name,
+            ready_timeout=ready_timeout,
+            poll_interval=0.5,
+            own_session=True,
+        )
+        self.started_at = 0.0  # wall clock, to tell this process's shared memory from older
 
-    def start(self) -> None:
+    def start(self) -> Self:
         self.started_at = time.time()
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.command,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                code = self.popen.returncode
-                raise RuntimeError(f"{self.name} exited with {code}:\n{self.tail()}")
-            try:
-                if httpx.get(self.ready_url, timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.kill()
-        waited = f"{self.ready_timeout:.0f} s"
-        raise RuntimeError(f"{self.name} was not ready in {waited}:\n{self.tail()}")
-
-    @property
-    def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def _signal_group(self, signum: int) -> None:
-        assert self.popen is not None
-        with suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, signum)
+        return super().start()
 
     def kill(self) -> None:
         """SIGKILL to the process and everything it forked: nothing of it runs after this.
         Their shared-memory segments, which a killed process cannot unlink, are removed."""
         if self.popen is None:
             return
-        self._signal_group(signal.SIGKILL)
-        self.popen.wait(timeout=30)
+        super().kill()
         remove_orphan_segments(since=self.started_at)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM, then SIGKILL to whatever is left of the group."""
         if self.popen is None:
-            return
-        if self.popen.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            with suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=timeout)
-        # Children outlive a parent that exits first; the group's SIGKILL reaches them.
-        self._signal_group(signal.SIGKILL)
-        self.popen.wait(timeout=30)
+            return None
+        code = super().stop(timeout)
         remove_orphan_segments(since=self.started_at)
+        return code
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from chatbot.api.app import create_app
 from chatbot.api.deps import Services
+from chatbot.client.local_server import BackgroundServer
 from chatbot.config import Settings
 from chatbot.engines.model_files import bundled_model_path
 
@@ -73,13 +71,6 @@ def listener() -> Iterator[socket.socket]:
         yield sock
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class LiveServer:
     url: str
@@ -100,21 +91,20 @@ class LiveServer:
 
 
 def serve_in_thread(app: FastAPI) -> Iterator[str]:
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
+    server = BackgroundServer(
+        app,
+        ready_path=None,  # listening is enough: not every test app has /readyz
+        ready_timeout=60,
+        name="the test server",
+        log_level="warning",
+        graceful_shutdown_s=None,
+        daemon=True,
+    )
+    server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.conftest import free_port
+from chatbot.client.local_server import free_port
 
 
 def _bin_dir() -> Path:

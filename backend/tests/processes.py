@@ -7,14 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import ALICE_KEY, BOB_KEY, free_port
+from chatbot.client.local_server import ServerProcess, free_port
+from tests.conftest import ALICE_KEY, BOB_KEY
 
 
 class ChatbotProcess:
@@ -36,28 +36,19 @@ class ChatbotProcess:
         values.update({k.upper(): v for k, v in settings.items()})
         env = {k: v for k, v in os.environ.items() if not k.startswith("CHATBOT_")}
         env |= {f"CHATBOT_{k}": str(v) for k, v in values.items()}
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "chatbot", "serve"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self._wait_ready()
+        self.server = ServerProcess(
+            [sys.executable, "-m", "chatbot", "serve"],
+            ready_url=f"{self.url}/readyz",
+            env=env,
+            log=log,
+            name="chatbot",
+            ready_timeout=120,
+        ).start()
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"chatbot exited with {self.process.returncode}: {self.logs()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        raise RuntimeError(f"chatbot did not become ready: {self.logs()}")
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self.server.popen is not None
+        return self.server.popen
 
     def client(self, key: str = ALICE_KEY) -> httpx.Client:
         return httpx.Client(
@@ -69,8 +60,7 @@ class ChatbotProcess:
 
     def kill(self) -> None:
         """SIGKILL: nothing of the process runs after it."""
-        self.process.kill()
-        self.process.wait(timeout=30)
+        self.server.kill()
 
     def terminate(self, timeout: float = 60) -> int:
         self.process.send_signal(signal.SIGTERM)

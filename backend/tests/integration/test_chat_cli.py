@@ -14,7 +14,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.conftest import CAROL_KEY, LiveServer, free_port
+from chatbot.client.local_server import free_port
+from tests.conftest import CAROL_KEY, LiveServer
 
 pytestmark = pytest.mark.model
 

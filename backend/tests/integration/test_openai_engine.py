@@ -271,6 +271,6 @@ def test_a_model_server_that_is_down_at_start(
 
 @pytest.fixture
 def unused_port() -> int:
-    from tests.conftest import free_port
+    from chatbot.client.local_server import free_port
 
     return free_port()
