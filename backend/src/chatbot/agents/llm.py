@@ -50,7 +50,7 @@ class LanguageModel(Protocol):
         ...
 
 
-async def report(
+def report(
     generation: Generation,
     messages: Sequence[ChatMessage],
     config: RunnableConfig,
@@ -58,16 +58,25 @@ async def report(
     model_id: str,
     sampling: SamplingParams,
 ) -> AsyncIterator[EngineEvent]:
-    """``generation``'s events, reported to ``config``'s callback handlers as one LLM call."""
+    """``generation``'s events, reported to ``config``'s callback handlers as one LLM call
+    (the generation itself when there is no handler: no extra step per token)."""
     manager = AsyncCallbackManager.configure(
         config.get("callbacks"),
         inheritable_tags=config.get("tags"),
         inheritable_metadata={**config.get("metadata", {}), "ls_model_name": model_id},
     )
     if not manager.handlers:
-        async for event in generation:
-            yield event
-        return
+        return aiter(generation)
+    return _reported(generation, messages, manager, model_id, sampling)
+
+
+async def _reported(
+    generation: Generation,
+    messages: Sequence[ChatMessage],
+    manager: AsyncCallbackManager,
+    model_id: str,
+    sampling: SamplingParams,
+) -> AsyncIterator[EngineEvent]:
     (run,) = await manager.on_chat_model_start(
         {"name": "lmcache-chatbot"},
         [_langchain_messages(messages)],

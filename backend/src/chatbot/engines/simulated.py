@@ -48,6 +48,7 @@ from chatbot.engines.base import (
     GenerationRequest,
     TokenDelta,
 )
+from chatbot.kvcache.counters import LookupCounters
 from chatbot.kvcache.keys import PromptKey, chunk_hashes, owner_digest
 from chatbot.models.cache import CacheStats, CacheTier, LookupStats, TierStats
 from chatbot.models.domain import ChatMessage, Timing, Usage
@@ -202,12 +203,6 @@ class _Lru:
             self.evictions += 1
 
 
-@dataclass(slots=True)
-class _TierCount:
-    hits: int = 0
-    hit_tokens: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class _Hit:
     gpu_tokens: int
@@ -231,9 +226,7 @@ class PrefixCache:
         self._chunk_bytes = CHUNK_TOKENS * kv_bytes_per_token
         self.gpu = _Lru(gpu_tokens)
         self.cpu = _Lru(cpu_tokens)
-        self._total = LookupStats()
-        self._by_owner: dict[bytes, LookupStats] = {}
-        self._tiers = {CacheTier.LIVE: _TierCount(), CacheTier.RAM: _TierCount()}
+        self._counters = LookupCounters()
 
     def lookup(self, prompt: _Prompt) -> _Hit:
         """The longest run of leading chunks some tier holds; what came from CPU RAM is now
@@ -252,7 +245,8 @@ class PrefixCache:
         excess = max(0, gpu + cpu - (prompt.tokens - 1))
         cpu_cut = min(cpu, excess)
         hit = _Hit(gpu - (excess - cpu_cut), cpu - cpu_cut)
-        self._count(prompt, hit)
+        hits = {CacheTier.LIVE: hit.gpu_tokens, CacheTier.RAM: hit.cpu_tokens}
+        self._counters.count(prompt.owner, prompt.tokens, hits)
         return hit
 
     def store(self, text: str, public_chars: int, owner: bytes) -> None:
@@ -262,22 +256,8 @@ class PrefixCache:
             self.gpu.put(h)
             self.cpu.put(h)
 
-    def _count(self, prompt: _Prompt, hit: _Hit) -> None:
-        owner = self._by_owner.setdefault(prompt.owner, LookupStats())
-        for stats in (self._total, owner):
-            stats.lookups += 1
-            stats.requested_tokens += prompt.tokens
-            stats.hit_tokens += hit.tokens
-            for tier, tokens in ((CacheTier.LIVE, hit.gpu_tokens), (CacheTier.RAM, hit.cpu_tokens)):
-                if tokens:
-                    stats.hit_tokens_by_tier[tier] = stats.hit_tokens_by_tier.get(tier, 0) + tokens
-        for tier, tokens in ((CacheTier.LIVE, hit.gpu_tokens), (CacheTier.RAM, hit.cpu_tokens)):
-            if tokens:
-                self._tiers[tier].hits += 1
-                self._tiers[tier].hit_tokens += tokens
-
     def stats(self) -> CacheStats:
-        total = self._total
+        total = self._counters.total
         tiers = {
             CacheTier.LIVE: self._tier(CacheTier.LIVE, self.gpu),
             CacheTier.RAM: self._tier(CacheTier.RAM, self.cpu),
@@ -293,7 +273,7 @@ class PrefixCache:
         )
 
     def _tier(self, tier: CacheTier, lru: _Lru) -> TierStats:
-        count = self._tiers[tier]
+        count = self._counters.tiers[tier]
         return TierStats(
             hits=count.hits,
             hit_tokens=count.hit_tokens,
@@ -305,7 +285,7 @@ class PrefixCache:
         )
 
     def owner_stats(self, owner: bytes) -> LookupStats:
-        return self._by_owner.get(owner, LookupStats()).model_copy(deep=True)
+        return self._counters.owner(owner)
 
 
 class SimulatedEngine(Engine):

@@ -20,10 +20,11 @@ import logging
 import threading
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from chatbot.kvcache.counters import LookupCounters
 from chatbot.kvcache.keys import PromptKey, chunk_hashes, common_prefix_length, shareable_prefix
 from chatbot.kvcache.tiers import DiskTier, EntryMeta, RamTier, Tier
 from chatbot.models.cache import CacheStats, CacheTier, LookupStats, TierStats
@@ -72,23 +73,6 @@ class _Entry:
         return PromptKey(self.meta.tokens, self.meta.public_tokens, self.meta.owner)
 
 
-@dataclass(slots=True)
-class _TierCounters:
-    hits: int = 0
-    hit_tokens: int = 0
-    stores: int = 0
-    evictions: int = 0
-
-
-@dataclass(slots=True)
-class _Counters:
-    total: LookupStats = field(default_factory=LookupStats)
-    by_owner: dict[bytes, LookupStats] = field(default_factory=dict)
-    tiers: dict[CacheTier, _TierCounters] = field(
-        default_factory=lambda: {tier: _TierCounters() for tier in CacheTier}
-    )
-
-
 class KVCache:
     def __init__(
         self,
@@ -103,7 +87,7 @@ class KVCache:
         """``namespace`` names what the states are valid for (model file, KV layout);
         states saved under another namespace are never seen. A saved state is loaded only
         when it serves at least ``min_load_gain`` more tokens than the live context: on the
-        2-core CPU a load takes about 7 ms and prefill about 2 ms a token (``chatbot bench
+        2-core CPU a load takes about 7 ms and prefill about 2 ms a token (``python -m benchmarks
         state-io``; 1.4 s for a 660-token prompt in the multi-round benchmark)."""
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
@@ -119,7 +103,7 @@ class KVCache:
         self._ram = RamTier(ram_bytes)
         # The saved tiers, fastest first: what one pushes out moves to the next.
         self._tiers: dict[CacheTier, Tier] = {CacheTier.RAM: self._ram}
-        self._counters = _Counters()
+        self._counters = LookupCounters()
         if disk_dir is not None and disk_bytes > 0:
             disk = DiskTier(disk_dir / namespace.hex(), disk_bytes)
             self._tiers[CacheTier.DISK] = disk
@@ -295,18 +279,8 @@ class KVCache:
     # -- counters --------------------------------------------------------------------------
 
     def _count(self, key: PromptKey, reuse: Reuse) -> None:
-        owner = self._counters.by_owner.setdefault(key.owner, LookupStats())
-        for stats in (self._counters.total, owner):
-            stats.lookups += 1
-            stats.requested_tokens += len(key.tokens)
-            if reuse.tier is not None:
-                stats.hit_tokens += reuse.tokens
-                by_tier = stats.hit_tokens_by_tier
-                by_tier[reuse.tier] = by_tier.get(reuse.tier, 0) + reuse.tokens
-        if reuse.tier is not None:
-            tier = self._counters.tiers[reuse.tier]
-            tier.hits += 1
-            tier.hit_tokens += reuse.tokens
+        hits = {reuse.tier: reuse.tokens} if reuse.tier is not None else {}
+        self._counters.count(key.owner, len(key.tokens), hits)
 
     def stats(self, resident_sequences: int) -> CacheStats:
         """``resident_sequences``: what the live tier holds, which the engine knows."""
@@ -343,7 +317,7 @@ class KVCache:
     def owner_stats(self, owner: bytes) -> LookupStats:
         """One owner's own lookups; nobody else's are ever shown to them."""
         with self._lock:
-            return self._counters.by_owner.get(owner, LookupStats()).model_copy(deep=True)
+            return self._counters.owner(owner)
 
 
 def _entry_id(namespace: bytes, key: PromptKey) -> str:
