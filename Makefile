@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint format bench openapi model postgresql chromium web clean vllm
+.PHONY: run test test-fast screenshots lint format bench openapi model postgresql chromium web clean vllm
 
 $(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -72,6 +72,13 @@ test: model vllm postgresql chromium web  ## lint, then every test (vLLM + LMCac
 	cd backend && ../$(BIN)/ruff format --check src tests benchmarks
 	cd backend && ../$(BIN)/mypy
 	cd backend && ../$(BIN)/pytest
+
+# The fast tier: no model, no database server, no browser, no vLLM (pyproject's markers;
+# tests/conftest.py applies them). Under a minute on two cores.
+FAST := not model and not postgres and not browser and not vllm
+
+test-fast: $(STAMP)  ## the tests that need no model, database server, browser or vLLM
+	cd backend && ../$(BIN)/pytest -m "$(FAST)"
 
 lint: $(STAMP)
 	cd backend && ../$(BIN)/ruff check src tests benchmarks && ../$(BIN)/ruff format --check src tests benchmarks && ../$(BIN)/mypy

@@ -1,27 +1,57 @@
-"""Shared fixtures: the real bundled model, and a real server on loopback driven over HTTP."""
+"""Shared fixtures: the real bundled model, servers on loopback driven over HTTP, stores, and
+the test tiers.
+
+Tiers, marked here by what a test needs (see ``pytest_collection_modifyitems``): ``model``
+(the real llama.cpp model), ``postgres`` (a PostgreSQL server of the session's own),
+``browser`` (tests/e2e: Chromium), ``vllm`` (tests/production: vLLM and LMCache). What has
+none of them is the fast tier: ``make test-fast``."""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from chatbot.api.app import create_app
-from chatbot.api.deps import Services
+from chatbot.api.deps import AppState
 from chatbot.client.local_server import BackgroundServer
 from chatbot.config import Settings
+from chatbot.engines.base import Engine
 from chatbot.engines.model_files import bundled_model_path
 
 ALICE_KEY = "alice-key-0123456789abcdef"
 BOB_KEY = "bob-key-0123456789abcdef00"
 CAROL_KEY = "carol-key-0123456789abcdef"
 DAVE_KEY = "dave-key-0123456789abcdef0"  # used by one test only: a user with no history
+
+TESTS = Path(__file__).resolve().parent
+TIER_BY_FOLDER = {"e2e": "browser", "production": "vllm"}
+"""Every test in these folders needs what the marker names."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks each test with the tiers it needs: ``browser`` and ``vllm`` by its folder,
+    ``model`` when it uses the real model (its fixtures reach ``model_path``), ``postgres``
+    when it starts PostgreSQL (``postgres_url``, or the ``postgresql`` store)."""
+    for item in items:
+        folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
+        if folder in TIER_BY_FOLDER:
+            item.add_marker(TIER_BY_FOLDER[folder])
+        names = getattr(item, "fixturenames", ())
+        if "model_path" in names:
+            item.add_marker("model")
+        callspec = getattr(item, "callspec", None)
+        store = callspec.params.get("store_url") if callspec is not None else None
+        if "postgres_url" in names or store == "postgresql":
+            item.add_marker("postgres")
 
 
 @pytest.fixture
@@ -77,9 +107,9 @@ class LiveServer:
     app: FastAPI
 
     @property
-    def services(self) -> Services:
-        services: Services = self.app.state.services
-        return services
+    def state(self) -> AppState:
+        state: AppState = self.app.state.chatbot
+        return state
 
     def client(self, key: str | None = ALICE_KEY, **kwargs: object) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -107,12 +137,67 @@ def serve_in_thread(app: FastAPI) -> Iterator[str]:
         server.stop(timeout=30)
 
 
+class Servers:
+    """Starts chatbot servers for tests, the one way: ``make_settings`` with the test's
+    overrides, ``create_app``, and the app served by uvicorn in a thread on loopback. Every
+    server it started stops when it is closed (the ``server`` fixtures close it after the
+    test or module)."""
+
+    def __init__(self, folders: pytest.TempPathFactory) -> None:
+        self._folders = folders
+        self._stack = ExitStack()
+        self._running: dict[str, ExitStack] = {}
+
+    def __call__(
+        self,
+        model_path: Path | None = None,
+        *,
+        use_engine: Engine | Callable[[Settings], Engine] | None = None,
+        **overrides: object,
+    ) -> LiveServer:
+        """A running server on ``make_settings(model_path, <a new kv folder>, **overrides)``.
+        ``model_path``: the real model (the ``model_path`` fixture); none for a server on
+        another engine: ``engine="simulated"`` (a setting), or ``use_engine=`` an Engine
+        object, or a function of the settings that makes one, in place of the configured
+        engine."""
+        settings = make_settings(model_path, self._folders.mktemp("kv"), **overrides)
+        chosen = use_engine(settings) if callable(use_engine) else use_engine
+        app = create_app(settings, engine=chosen)
+        serving = ExitStack()
+        url = serving.enter_context(contextmanager(serve_in_thread)(app))
+        self._running[url] = self._stack.enter_context(serving)
+        return LiveServer(url=url, app=app)
+
+    def stop(self, server: LiveServer) -> None:
+        """Stop one server now, as a process stopping would (its lifespan's shutdown runs)."""
+        self._running.pop(server.url).close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+@pytest.fixture
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """``server(**settings) -> LiveServer``: servers of the test's own, stopped after it."""
+    with Servers(tmp_path_factory) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    """As ``server``, for servers a module's tests share."""
+    with Servers(tmp_path_factory) as servers:
+        yield servers
+
+
 @pytest.fixture(scope="session")
 def live_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One real server on the real model for the whole session (loading it once)."""
-    app = create_app(make_settings(model_path, tmp_path_factory.mktemp("kv")))
-    for url in serve_in_thread(app):
-        yield LiveServer(url=url, app=app)
+    with Servers(tmp_path_factory) as servers:
+        yield servers(model_path)
 
 
 @pytest.fixture(scope="session")
@@ -124,13 +209,19 @@ def postgres_url() -> Iterator[str]:
         yield url
 
 
-def store_url_for(request: pytest.FixtureRequest, kind: str, folder: Path) -> str:
-    """A fresh, empty store of ``kind``: memory, sqlite or postgresql (a new database on the
-    session's own server)."""
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store of each kind: memory, sqlite, and postgresql (a new database on
+    the session's own server; those tests are marked ``postgres``). A test that needs only
+    some kinds narrows them: ``@pytest.mark.parametrize("store_url", ["sqlite"],
+    indirect=True)``."""
+    kind = request.param
     if kind == "memory":
         return "memory://"
     if kind == "sqlite":
-        return f"sqlite:///{folder / 'chatbot.db'}"
+        return f"sqlite:///{tmp_path / 'chatbot.db'}"
+    if kind != "postgresql":
+        raise ValueError(f"no store of kind {kind!r}: memory, sqlite or postgresql")
     from tests.postgres import fresh_database
 
     return fresh_database(request.getfixturevalue("postgres_url"))

@@ -13,7 +13,6 @@ never a stream that starts and then dies.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import Case, CheckContext, GenerationMode, Response
 
-from chatbot.api.app import create_app
-from tests.conftest import ALICE_KEY, LiveServer, make_settings, serve_in_thread
+from tests.conftest import ALICE_KEY, LiveServer, Servers
 from tests.sse import parse_events
 
 pytestmark = pytest.mark.model
@@ -202,10 +200,9 @@ def refusals_of_valid_data_are_the_accepted_ones(
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    settings = make_settings(
+def fuzz_server(model_path: Path, module_server: Servers) -> LiveServer:
+    return module_server(
         model_path,
-        tmp_path_factory.mktemp("fuzz-kv"),
         max_tokens=MAX_TOKENS_LIMIT,
         max_tokens_limit=MAX_TOKENS_LIMIT,
         max_message_chars=MAX_MESSAGE_CHARS,
@@ -213,9 +210,6 @@ def fuzz_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         queue_size=4,
         requests_per_minute=1_000_000,
     )
-    app = create_app(settings)
-    for url in serve_in_thread(app):
-        yield LiveServer(url=url, app=app)
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,8 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from chatbot.api.app import create_app
-from chatbot.engines.embedded import EmbeddedEngine
-from tests.conftest import LiveServer, make_settings, serve_in_thread
-from tests.waiting import wait_until
+from tests.conftest import LiveServer, Servers
+from tests.waiting import engine_idle, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -62,23 +60,19 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 def idle_live_server(live_server: LiveServer) -> LiveServer:
     """The shared real-model server, once a stream an earlier test left has been cancelled
     (its engine queue holds one request)."""
-    engine = live_server.services.engine
-    assert isinstance(engine, EmbeddedEngine)
-    wait_until(lambda: not engine.busy and engine.queue_depth == 0, timeout=60)
+    engine = live_server.state.engine
+    wait_until(lambda: engine_idle(engine), timeout=60)
     return live_server
 
 
 @pytest.fixture(scope="module")
-def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def slow_server(module_server: Servers) -> str:
     """A server on the simulated engine (a timing model, not a language model), for what
     needs an answer that is still being written seconds later: the small real model's
     answers are a dozen tokens. It writes 400 tokens at 20 a second."""
-    settings = make_settings(
-        None,
-        tmp_path_factory.mktemp("slow-kv"),
+    return module_server(
         engine="simulated",
         simulated_decode_tokens_per_s=20,
         simulated_answer_tokens=400,
         max_tokens=400,
-    )
-    yield from serve_in_thread(create_app(settings))
+    ).url

@@ -4,7 +4,6 @@ and compaction at a stable boundary when the window fills."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatbot.agents.router import routing_prompt
-from chatbot.api.app import create_app
-from tests.conftest import BOB_KEY, CAROL_KEY, LiveServer, make_settings, serve_in_thread
+from tests.conftest import BOB_KEY, CAROL_KEY, LiveServer, Servers
 from tests.integration.test_conversation_api import new_conversation, stream_turn
 from tests.prompts import public_tokens
 
@@ -100,20 +98,16 @@ def test_the_knowledge_agent_names_its_document_and_shares_it_with_every_user(
 
 
 @pytest.fixture(scope="module")
-def small_window(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def small_window(
+    model_path: Path, module_server: Servers, tmp_path_factory: pytest.TempPathFactory
+) -> str:
     """A server whose window fills in a few turns: compaction at 1024 tokens, one short
     document."""
     docs = tmp_path_factory.mktemp("docs")
     (docs / "tea.md").write_text("# Tea\nGreen tea is steamed; black tea is oxidised.\n")
-    settings = make_settings(
-        model_path,
-        tmp_path_factory.mktemp("kv"),
-        docs_dir=docs,
-        context_tokens=2048,
-        compact_at=0.5,
-        compact_keep_messages=2,
-    )
-    yield from serve_in_thread(create_app(settings))
+    return module_server(
+        model_path, docs_dir=docs, context_tokens=2048, compact_at=0.5, compact_keep_messages=2
+    ).url
 
 
 def test_a_full_window_is_compacted_once_at_a_stable_boundary(small_window: str) -> None:
@@ -150,18 +144,16 @@ def test_a_full_window_is_compacted_once_at_a_stable_boundary(small_window: str)
 
 
 def test_the_llm_router_routes_behind_a_cached_shared_prompt(
-    model_path: Path, tmp_path: Path
+    model_path: Path, server: Servers
 ) -> None:
-    app = create_app(make_settings(model_path, tmp_path, router="llm"))
-    for url in serve_in_thread(app):
-        server = LiveServer(url=url, app=app)
-        with server.client() as alice, server.client(BOB_KEY) as bob:
-            start, _ = ends(stream_turn(alice, new_conversation(alice), KV_QUESTION))
-            # Another user's first turn: the routing prompt is public, only the question is new.
-            ends(stream_turn(bob, new_conversation(bob), "Write one sentence about the sea."))
-        cached = metric(server, "chatbot_cached_tokens_total", agent="router")
-        routings = metric(server, "chatbot_ttft_seconds_count", agent="router")
-        shared = public_tokens(server, *routing_prompt("any question"))
+    routed = server(model_path, router="llm")
+    with routed.client() as alice, routed.client(BOB_KEY) as bob:
+        start, _ = ends(stream_turn(alice, new_conversation(alice), KV_QUESTION))
+        # Another user's first turn: the routing prompt is public, only the question is new.
+        ends(stream_turn(bob, new_conversation(bob), "Write one sentence about the sea."))
+    cached = metric(routed, "chatbot_cached_tokens_total", agent="router")
+    routings = metric(routed, "chatbot_ttft_seconds_count", agent="router")
+    shared = public_tokens(routed, *routing_prompt("any question"))
     assert start["agent"] in {"assistant", "knowledge", "summarizer"}
     assert start["route_reason"].startswith(("the model chose", "about", "general"))
     assert routings == 2

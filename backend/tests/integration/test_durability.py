@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import store_url_for
 from tests.postgres import fresh_database
 from tests.processes import BOB_KEY, ChatbotProcess, chatbot_process
 from tests.sse import parse_events
@@ -20,11 +19,6 @@ from tests.sse import parse_events
 pytestmark = pytest.mark.model
 
 LONG_ANSWER = "Count from one to five hundred, in words."
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return store_url_for(request, request.param, tmp_path)
 
 
 def turn(client: httpx.Client, conversation: str, content: str, **body: Any) -> dict[str, Any]:
@@ -68,6 +62,7 @@ def stopped_cleanly(server: ChatbotProcess) -> None:
     assert "Application shutdown complete" in server.logs()
 
 
+@pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
 def test_sigkill_mid_answer_keeps_every_message_and_marks_the_turn_retryable(
     store_url: str, model_path: Path, tmp_path: Path
 ) -> None:

@@ -4,17 +4,17 @@ failure switch."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from chatbot.api.app import create_app
+from chatbot.config import Settings
 from chatbot.engines.base import Engine, EngineEvent, Generation, GenerationRequest, TokenDelta
 from chatbot.engines.factory import create_engine
 from chatbot.models.errors import EngineFailure
-from tests.conftest import ALICE_KEY, make_settings, serve_in_thread
+from tests.conftest import ALICE_KEY, Servers
 from tests.sse import parse_events
 
 
@@ -63,13 +63,14 @@ class SwitchableFailingEngine(Engine):
 
 
 @pytest.fixture(scope="module")
-def failing_server(
-    model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[str, SwitchableFailingEngine]]:
-    settings = make_settings(model_path, tmp_path_factory.mktemp("kv"))
-    engine = SwitchableFailingEngine(create_engine(settings))
-    for url in serve_in_thread(create_app(settings, engine=engine)):
-        yield url, engine
+def failing_server(model_path: Path, module_server: Servers) -> tuple[str, SwitchableFailingEngine]:
+    engines: list[SwitchableFailingEngine] = []
+
+    def failing(settings: Settings) -> Engine:
+        engines.append(SwitchableFailingEngine(create_engine(settings)))
+        return engines[-1]
+
+    return module_server(model_path, use_engine=failing).url, engines[0]
 
 
 def test_failure_mid_stream_ends_with_an_error_and_keeps_the_conversation(

@@ -6,14 +6,12 @@ name instead of silently ignored, and what one user may see of the others (cache
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from chatbot.api.app import create_app
-from tests.conftest import BOB_KEY, CAROL_KEY, LiveServer, make_settings, serve_in_thread
+from tests.conftest import BOB_KEY, CAROL_KEY, LiveServer, Servers
 from tests.integration.test_conversation_api import new_conversation, stream_turn
 
 pytestmark = pytest.mark.model
@@ -209,15 +207,10 @@ METRICS_TOKEN = "metrics-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def token_server(module_server: Servers) -> LiveServer:
     """/metrics behind a token. The simulated engine (a timing model, a fake named as such)
     serves it: what is tested is the route's guard, and no answer is generated."""
-    settings = make_settings(
-        None, tmp_path_factory.mktemp("kv"), engine="simulated", metrics_token=METRICS_TOKEN
-    )
-    app = create_app(settings)
-    for url in serve_in_thread(app):
-        yield LiveServer(url=url, app=app)
+    return module_server(engine="simulated", metrics_token=METRICS_TOKEN)
 
 
 @pytest.mark.parametrize("offered", [None, "wrong-token-0123456789", "Bearer"])

@@ -5,13 +5,11 @@ error and, where waiting helps, ``Retry-After``; nothing is stored for a refused
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from chatbot.api.app import create_app
-from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, make_settings, serve_in_thread
+from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers
 from tests.sse import parse_events
 
 pytestmark = pytest.mark.model
@@ -20,19 +18,8 @@ LONG_ANSWER = {"content": "Count from one to five hundred, in words.", "max_toke
 
 
 @pytest.fixture(scope="module")
-def tight_server(
-    model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    settings = make_settings(
-        model_path,
-        tmp_path_factory.mktemp("kv"),
-        max_streams=1,
-        max_conversation_messages=4,
-        queue_size=4,
-    )
-    app = create_app(settings)
-    for url in serve_in_thread(app):
-        yield LiveServer(url=url, app=app)
+def tight_server(model_path: Path, module_server: Servers) -> LiveServer:
+    return module_server(model_path, max_streams=1, max_conversation_messages=4, queue_size=4)
 
 
 def conversation(server: LiveServer, key: str) -> str:
@@ -43,18 +30,16 @@ def conversation(server: LiveServer, key: str) -> str:
         return identifier
 
 
-def test_429_past_the_requests_per_minute_of_one_user(model_path: Path, tmp_path: Path) -> None:
-    app = create_app(make_settings(model_path, tmp_path, requests_per_minute=3))
-    for url in serve_in_thread(app):
-        server = LiveServer(url=url, app=app)
-        with server.client(ALICE_KEY) as alice, server.client(BOB_KEY) as bob:
-            for _ in range(3):
-                assert alice.get("/v1/conversations").status_code == 200
-            refused = alice.get("/v1/conversations")
-            assert refused.status_code == 429
-            assert refused.json()["error"]["code"] == "too_many_requests"
-            assert refused.headers["retry-after"] == "20"  # one request back every 20 s
-            assert bob.get("/v1/conversations").status_code == 200  # a budget of his own
+def test_429_past_the_requests_per_minute_of_one_user(model_path: Path, server: Servers) -> None:
+    limited = server(model_path, requests_per_minute=3)
+    with limited.client(ALICE_KEY) as alice, limited.client(BOB_KEY) as bob:
+        for _ in range(3):
+            assert alice.get("/v1/conversations").status_code == 200
+        refused = alice.get("/v1/conversations")
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "too_many_requests"
+        assert refused.headers["retry-after"] == "20"  # one request back every 20 s
+        assert bob.get("/v1/conversations").status_code == 200  # a budget of his own
 
 
 def test_503_past_the_answers_at_once_for_all_users(tight_server: LiveServer) -> None:

@@ -17,9 +17,8 @@ import openai
 import pytest
 from benchmarks.servers import Target
 
-from chatbot.api.app import create_app
 from chatbot.engines.openai import affinity_key
-from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, make_settings, serve_in_thread
+from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers
 from tests.sse import parse_events
 from tests.upstream import UPSTREAM_MODEL, RecordingProxy, llama_server, recording_proxy
 from tests.waiting import wait_until
@@ -39,19 +38,16 @@ def docs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def front(tmp_path: Path, docs_dir: Path, base_url: str, **overrides: object) -> Iterator[str]:
+def front(servers: Servers, docs_dir: Path, base_url: str, **overrides: object) -> str:
     """A chatbot on the openai engine, pointed at ``base_url``."""
-    settings = make_settings(
-        None,
-        tmp_path,
+    return servers(
         engine="openai",
         openai_base_url=base_url,
         openai_affinity_header=AFFINITY_HEADER,
         context_tokens=CONTEXT_TOKENS,
         docs_dir=docs_dir,
         **overrides,
-    )
-    yield from serve_in_thread(create_app(settings))
+    ).url
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +58,11 @@ def upstream(model_path: Path) -> Iterator[Target]:
 
 @pytest.fixture(scope="module")
 def proxied(
-    upstream: Target, docs_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    upstream: Target, docs_dir: Path, module_server: Servers
 ) -> Iterator[tuple[str, RecordingProxy]]:
     """(the chatbot's URL, the proxy between it and llama_cpp.server)."""
     with recording_proxy(upstream.url) as (proxy_url, proxy):
-        for url in front(tmp_path_factory.mktemp("kv"), docs_dir, proxy_url):
-            yield url, proxy
+        yield front(module_server, docs_dir, proxy_url), proxy
 
 
 def client(url: str, key: str = ALICE_KEY) -> httpx.Client:
@@ -166,107 +161,107 @@ def test_a_client_that_hangs_up_cancels_the_upstream_request(
 
 
 def test_usage_and_cached_tokens_are_relayed_from_the_model_server(
-    live_server: LiveServer, docs_dir: Path, tmp_path: Path
+    live_server: LiveServer, docs_dir: Path, server: Servers
 ) -> None:
     """The model server is another chatbot on the embedded engine: it reports
     ``prompt_tokens_details.cached_tokens``, the field vLLM fills."""
-    model = live_server.services.engine.model_id
-    for url in front(
-        tmp_path, docs_dir, f"{live_server.url}/v1", openai_api_key=ALICE_KEY, openai_model=model
-    ):
-        with client(url) as alice:
-            conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
-            one = ended(turn(alice, conversation_id, "What is a widget?"))["usage"]
-            two = ended(turn(alice, conversation_id, "Where is it used?"))["usage"]
-        assert one["prompt_tokens"] > 0
-        assert one["completion_tokens"] > 0
-        # The second prompt extends the first, which the model server had kept.
-        assert two["prompt_tokens"] > one["prompt_tokens"]
-        assert two["cached_tokens"] >= one["prompt_tokens"]
+    model = live_server.state.engine.model_id
+    url = front(
+        server, docs_dir, f"{live_server.url}/v1", openai_api_key=ALICE_KEY, openai_model=model
+    )
+    with client(url) as alice:
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        one = ended(turn(alice, conversation_id, "What is a widget?"))["usage"]
+        two = ended(turn(alice, conversation_id, "Where is it used?"))["usage"]
+    assert one["prompt_tokens"] > 0
+    assert one["completion_tokens"] > 0
+    # The second prompt extends the first, which the model server had kept.
+    assert two["prompt_tokens"] > one["prompt_tokens"]
+    assert two["cached_tokens"] >= one["prompt_tokens"]
 
-        with openai.OpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
-            messages: list[Any] = [{"role": "user", "content": "Say something about widgets."}]
-            usages = []
-            for _ in range(2):
-                stream = sdk.chat.completions.create(
-                    model=model,
-                    messages=messages,
-                    stream=True,
-                    max_tokens=16,
-                    temperature=0,
-                    stream_options={"include_usage": True},
-                )
-                chunks = list(stream)
-                usage = chunks[-1].usage
-                assert usage is not None
-                assert usage.prompt_tokens_details is not None
-                usages.append(usage)
-                answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                messages += [
-                    {"role": "assistant", "content": answer},
-                    {"role": "user", "content": "Go on."},
-                ]
-        cached = usages[1].prompt_tokens_details
-        assert cached is not None
-        assert cached.cached_tokens is not None
-        assert cached.cached_tokens >= usages[0].prompt_tokens
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
+        messages: list[Any] = [{"role": "user", "content": "Say something about widgets."}]
+        usages = []
+        for _ in range(2):
+            stream = sdk.chat.completions.create(
+                model=model,
+                messages=messages,
+                stream=True,
+                max_tokens=16,
+                temperature=0,
+                stream_options={"include_usage": True},
+            )
+            chunks = list(stream)
+            usage = chunks[-1].usage
+            assert usage is not None
+            assert usage.prompt_tokens_details is not None
+            usages.append(usage)
+            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            messages += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Go on."},
+            ]
+    cached = usages[1].prompt_tokens_details
+    assert cached is not None
+    assert cached.cached_tokens is not None
+    assert cached.cached_tokens >= usages[0].prompt_tokens
 
 
 def test_a_model_server_that_dies_mid_answer(
-    model_path: Path, docs_dir: Path, tmp_path: Path
+    model_path: Path, docs_dir: Path, server: Servers
 ) -> None:
     """SIGKILL mid-stream: an ``error`` event, the conversation keeps every earlier message
     and the failed answer, and the next message is a quick 503 with ``Retry-After``."""
-    with llama_server(model_path, context_tokens=CONTEXT_TOKENS) as server:
-        process = server.process
+    with llama_server(model_path, context_tokens=CONTEXT_TOKENS) as upstream:
+        process = upstream.process
         assert process is not None
-        for url in front(tmp_path, docs_dir, server.url, max_tokens=400):
-            with client(url) as alice:
-                conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
-                ended(turn(alice, conversation_id, "What is a widget?"))
-                path = f"/v1/conversations/{conversation_id}/messages"
-                events = []
-                body = {"content": "Count from one to one hundred."}
-                with alice.stream("POST", path, json=body) as response:
-                    for event in parse_events(response.iter_lines()):
-                        events.append(event)
-                        if event[0] == "token" and process.poll() is None:
-                            process.kill()  # SIGKILL: gone mid-sentence, connections and all
-                            process.wait(timeout=30)
-                name, error = events[-1]
-                assert name == "error", events
-                assert error["error"]["code"] == "engine_failed"
-                messages = alice.get(path).json()["data"]
-                assert [(m["role"], m["status"]) for m in messages] == [
-                    ("user", "complete"),
-                    ("assistant", "complete"),
-                    ("user", "complete"),
-                    ("assistant", "failed"),
-                ]
+        url = front(server, docs_dir, upstream.url, max_tokens=400)
+        with client(url) as alice:
+            conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+            ended(turn(alice, conversation_id, "What is a widget?"))
+            path = f"/v1/conversations/{conversation_id}/messages"
+            events = []
+            body = {"content": "Count from one to one hundred."}
+            with alice.stream("POST", path, json=body) as response:
+                for event in parse_events(response.iter_lines()):
+                    events.append(event)
+                    if event[0] == "token" and process.poll() is None:
+                        process.kill()  # SIGKILL: gone mid-sentence, connections and all
+                        process.wait(timeout=30)
+            name, error = events[-1]
+            assert name == "error", events
+            assert error["error"]["code"] == "engine_failed"
+            messages = alice.get(path).json()["data"]
+            assert [(m["role"], m["status"]) for m in messages] == [
+                ("user", "complete"),
+                ("assistant", "complete"),
+                ("user", "complete"),
+                ("assistant", "failed"),
+            ]
 
-                started = time.monotonic()
-                refused = alice.post(path, json={"content": "Are you there?"})
-                waited = time.monotonic() - started
-                assert refused.status_code == 503
-                assert refused.json()["error"]["code"] == "engine_unreachable"
-                assert int(refused.headers["retry-after"]) > 0
-                assert waited < 5, "a server that is down must be refused, not waited for"
-                assert len(alice.get(path).json()["data"]) == 4  # the refused turn left nothing
+            started = time.monotonic()
+            refused = alice.post(path, json={"content": "Are you there?"})
+            waited = time.monotonic() - started
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "engine_unreachable"
+            assert int(refused.headers["retry-after"]) > 0
+            assert waited < 5, "a server that is down must be refused, not waited for"
+            assert len(alice.get(path).json()["data"]) == 4  # the refused turn left nothing
 
 
 def test_a_model_server_that_is_down_at_start(
-    docs_dir: Path, tmp_path: Path, unused_port: int
+    docs_dir: Path, server: Servers, unused_port: int
 ) -> None:
-    for url in front(tmp_path, docs_dir, f"http://127.0.0.1:{unused_port}/v1"):
-        with client(url) as alice:
-            assert alice.get("/healthz").status_code == 200
-            assert alice.get("/readyz").status_code == 503
-            conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
-            refused = alice.post(
-                f"/v1/conversations/{conversation_id}/messages", json={"content": "Hello"}
-            )
-            assert refused.status_code == 503
-            assert refused.json()["error"]["code"] == "engine_unreachable"
+    url = front(server, docs_dir, f"http://127.0.0.1:{unused_port}/v1")
+    with client(url) as alice:
+        assert alice.get("/healthz").status_code == 200
+        assert alice.get("/readyz").status_code == 503
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        refused = alice.post(
+            f"/v1/conversations/{conversation_id}/messages", json={"content": "Hello"}
+        )
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "engine_unreachable"
 
 
 @pytest.fixture

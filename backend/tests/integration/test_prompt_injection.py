@@ -20,11 +20,10 @@ import pytest
 from fastapi import FastAPI, Request, Response
 
 from chatbot.agents import layout
-from chatbot.api.app import create_app
 from chatbot.engines import chat_format
 from chatbot.engines.openai import SERVER_STOPS
 from chatbot.models.domain import AgentName, ChatMessage, Message, MessageStatus
-from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, make_settings, serve_in_thread
+from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers, serve_in_thread
 from tests.sse import parse_events
 from tests.transcripts import BANANA, BOS, PAYLOADS, expected_turns, transcript, turns
 
@@ -108,24 +107,21 @@ class RecordingForwarder:
 
 @pytest.fixture(scope="module")
 def forwarded(
-    live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
+    live_server: LiveServer, module_server: Servers, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, RecordingForwarder]]:
     """(a chatbot on the openai engine, the recorder between it and the live server)."""
     docs = tmp_path_factory.mktemp("docs")
     (docs / "widgets.md").write_text("# Widgets\n\nA widget is a small part of a machine.\n")
     recorder = RecordingForwarder(live_server.url)
     for recorder_url in serve_in_thread(recorder.app):
-        settings = make_settings(
-            None,
-            tmp_path_factory.mktemp("kv"),
+        chatbot = module_server(
             engine="openai",
             openai_base_url=f"{recorder_url}/v1",
             openai_api_key=BOB_KEY,
-            openai_model=live_server.services.engine.model_id,
+            openai_model=live_server.state.engine.model_id,
             docs_dir=docs,
         )
-        for url in serve_in_thread(create_app(settings)):
-            yield url, recorder
+        yield chatbot.url, recorder
 
 
 def check_one_turn_per_message(body: dict[str, Any], payload: str) -> None:

@@ -12,16 +12,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from chatbot.api.app import create_app
-from chatbot.api.deps import Services
-from chatbot.config import Settings
+from chatbot.api.deps import AppState
 from chatbot.observability.tracing import Tracer
-from tests.conftest import ALICE_KEY, make_settings, serve_in_thread
+from tests.conftest import ALICE_KEY, Servers
 from tests.integration.test_conversation_api import new_conversation, stream_turn
 
 
@@ -81,25 +78,20 @@ def recorder() -> Iterator[Recorder]:
 
 
 def test_each_turn_is_exported_with_session_user_agent_usage_and_first_token_time(
-    recorder: Recorder, model_path: Path, tmp_path: Path
+    recorder: Recorder, model_path: Path, server: Servers
 ) -> None:
-    settings = make_settings(
+    traced = server(
         model_path,
-        tmp_path,
         LANGFUSE_PUBLIC_KEY="pk-lf-test",
         LANGFUSE_SECRET_KEY="sk-lf-test",
         LANGFUSE_BASE_URL=recorder.url,
     )
-    app = create_app(settings)
-    for url in serve_in_thread(app):
-        with httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {ALICE_KEY}"}, timeout=60
-        ) as alice:
-            conversation = new_conversation(alice)
-            stream_turn(alice, conversation, "Hello! Who are you?")
-            second = dict(stream_turn(alice, conversation, "What is 3 plus 4?"))["message.end"]
-        services: Services = app.state.services
-        services.tracer.flush()
+    with traced.client(ALICE_KEY) as alice:
+        conversation = new_conversation(alice)
+        stream_turn(alice, conversation, "Hello! Who are you?")
+        second = dict(stream_turn(alice, conversation, "What is 3 plus 4?"))["message.end"]
+    state: AppState = traced.app.state.chatbot
+    state.tracer.flush()
 
     spans = recorder.spans()
     generations = [a for _, a in spans if a.get("langfuse.observation.type") == "generation"]
@@ -113,14 +105,14 @@ def test_each_turn_is_exported_with_session_user_agent_usage_and_first_token_tim
     assert usage["output"] == second["usage"]["completion_tokens"]
     assert "langfuse.observation.completion_start_time" in last
     assert json.loads(last["langfuse.observation.metadata.agent"]) == "assistant"
-    assert last["langfuse.observation.model.name"] == app.state.services.engine.model_id
+    assert last["langfuse.observation.model.name"] == state.engine.model_id
     assert {a.get("session.id") for _, a in spans} >= {conversation}
     assert {a.get("user.id") for _, a in spans} >= {"alice"}
     assert {"route", "assistant"} <= {name for name, _ in spans}
 
 
-def test_without_keys_tracing_is_off_and_costs_nothing(tmp_path: Path) -> None:
-    tracer = Tracer(Settings(_env_file=None, cache_dir=tmp_path))  # type: ignore[call-arg]
+def test_without_keys_tracing_is_off_and_costs_nothing() -> None:
+    tracer = Tracer()
     assert not tracer.enabled
     config = tracer.run_config(user_id="alice", session_id="conv_1")
     assert "callbacks" not in config

@@ -13,8 +13,7 @@ import pytest
 from benchmarks import vllm_stack
 from benchmarks.vllm_stack import LMCacheServer, VllmServer
 
-from chatbot.api.app import create_app
-from tests.conftest import make_settings, serve_in_thread
+from tests.conftest import Servers
 
 # Equals vLLM's --max-model-len: the chatbot lays out prompts for the window vLLM serves.
 CONTEXT_TOKENS = 2048
@@ -68,13 +67,9 @@ def stack(
         cache.stop()
 
 
-def chatbot_front(
-    base_url: str, kv_dir: Path, docs_dir: Path, **overrides: object
-) -> Iterator[str]:
+def chatbot_front(servers: Servers, base_url: str, docs_dir: Path, **overrides: object) -> str:
     """A chatbot on its ``openai`` engine in front of ``base_url``, served in this process."""
-    settings = make_settings(
-        None,
-        kv_dir,
+    return servers(
         engine="openai",
         openai_base_url=base_url,
         openai_model=vllm_stack.SERVED_MODEL,
@@ -82,5 +77,4 @@ def chatbot_front(
         context_tokens=CONTEXT_TOKENS,
         docs_dir=docs_dir,
         **overrides,
-    )
-    yield from serve_in_thread(create_app(settings))
+    ).url

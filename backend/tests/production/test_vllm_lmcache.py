@@ -7,7 +7,6 @@ Every figure asserted here is read from vLLM's or LMCache's own answers and metr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import openai
 import pytest
 from benchmarks.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
 
-from tests.conftest import ALICE_KEY
+from tests.conftest import ALICE_KEY, Servers
 from tests.production.chat import INVENTED_TURN, LONG_ANSWER, NOTES, client, turn
 from tests.production.conftest import Stack, chatbot_front
 from tests.sse import parse_events
@@ -27,8 +26,8 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def front(stack: Stack, docs_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    yield from chatbot_front(f"{stack.vllm.url}/v1", tmp_path_factory.mktemp("kv"), docs_dir)
+def front(stack: Stack, docs_dir: Path, module_server: Servers) -> str:
+    return chatbot_front(module_server, f"{stack.vllm.url}/v1", docs_dir)
 
 
 def lmcache_counters(stack: Stack) -> dict[str, float]:

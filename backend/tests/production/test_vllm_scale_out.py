@@ -13,6 +13,7 @@ import httpx
 import pytest
 from benchmarks.vllm_stack import CHUNK_TOKENS, LMCacheServer, Router, VllmServer, metric
 
+from tests.conftest import Servers
 from tests.production.chat import NOTES, client, turn
 from tests.production.conftest import chatbot_front
 
@@ -60,27 +61,27 @@ def step(
 def test_a_conversation_stays_on_one_replica_and_moves_with_its_kv_when_it_stops(
     replicas: tuple[list[VllmServer], Router],
     docs_dir: Path,
-    tmp_path: Path,
+    server: Servers,
 ) -> None:
     servers, router = replicas
     questions = (f"{NOTES} Which shelf has the most screws?", "And the fewest?", "Why?")
-    for url in chatbot_front(f"{router.url}/v1", tmp_path, docs_dir):
-        with client(url) as alice:
-            conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
-            homes = []
-            for question in questions:
-                _, counts = step(alice, conversation_id, question, servers)
-                assert sorted(counts) == [0, 1], counts  # one replica served the turn
-                homes.append(counts.index(1))
-            assert len(set(homes)) == 1, homes  # and always the same one
-            home, other = servers[homes[0]], servers[1 - homes[0]]
+    url = chatbot_front(server, f"{router.url}/v1", docs_dir)
+    with client(url) as alice:
+        conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
+        homes = []
+        for question in questions:
+            _, counts = step(alice, conversation_id, question, servers)
+            assert sorted(counts) == [0, 1], counts  # one replica served the turn
+            homes.append(counts.index(1))
+        assert len(set(homes)) == 1, homes  # and always the same one
+        home, other = servers[homes[0]], servers[1 - homes[0]]
 
-            home.stop()
-            external = metric(other.metrics(), "vllm:external_prefix_cache_hits_total")
-            end, counts = step(alice, conversation_id, "Tell me again about shelf 20.", servers)
-            assert counts[1 - homes[0]] == 1
-            # The other replica never saw this conversation: its KV came from LMCache.
-            cached = end["usage"]["cached_tokens"]
-            assert cached >= CHUNK_TOKENS
-            taken = metric(other.metrics(), "vllm:external_prefix_cache_hits_total") - external
-            assert taken == cached
+        home.stop()
+        external = metric(other.metrics(), "vllm:external_prefix_cache_hits_total")
+        end, counts = step(alice, conversation_id, "Tell me again about shelf 20.", servers)
+        assert counts[1 - homes[0]] == 1
+        # The other replica never saw this conversation: its KV came from LMCache.
+        cached = end["usage"]["cached_tokens"]
+        assert cached >= CHUNK_TOKENS
+        taken = metric(other.metrics(), "vllm:external_prefix_cache_hits_total") - external
+        assert taken == cached

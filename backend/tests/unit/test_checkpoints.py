@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import operator
-from pathlib import Path
 from typing import Annotated, Any, TypedDict
 
-import pytest
 from langchain_core.runnables import RunnableConfig
 from langgraph.graph import START, StateGraph
 
 from chatbot.agents.state import checkpoint_serializer
 from chatbot.persistence.storage import open_storage
-from tests.conftest import store_url_for
 
 
 class State(TypedDict, total=False):
@@ -25,11 +22,6 @@ class State(TypedDict, total=False):
 def answer(state: State) -> dict[str, Any]:
     question = state.get("pending") or ""
     return {"messages": [question, question.upper()], "pending": None}
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return store_url_for(request, request.param, tmp_path)
 
 
 def test_keep_latest_leaves_one_whole_checkpoint_per_thread(store_url: str) -> None:

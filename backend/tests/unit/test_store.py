@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
@@ -15,14 +14,8 @@ from chatbot.models.domain import Conversation, utcnow
 from chatbot.models.errors import Conflict, NotFound
 from chatbot.persistence.index import ConversationIndex
 from chatbot.persistence.storage import open_storage
-from tests.conftest import store_url_for
 
 Scenario = Callable[[ConversationIndex], Awaitable[None]]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return store_url_for(request, request.param, tmp_path)
 
 
 @pytest.fixture
