@@ -455,10 +455,6 @@ class Settings(BaseSettings):
     def tracing_enabled(self) -> bool:
         return bool(self.langfuse_public_key and self.langfuse_secret_key)
 
-    @property
-    def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
-
     def is_operator(self, user: str) -> bool:
         """Keyless, the one local user runs the server."""
         return not self.api_keys or user in self.operators

@@ -24,6 +24,7 @@ from chatbot.kvcache.keys import common_prefix_length
 from chatbot.models.cache import CacheTier
 from chatbot.models.domain import ChatMessage, Usage
 from chatbot.models.errors import EngineOverloaded
+from tests.waiting import engine_running
 
 pytestmark = pytest.mark.model
 
@@ -321,7 +322,7 @@ def test_a_cancelled_request_frees_its_sequence_for_the_next(model_path: Path) -
             async with waiting:
                 events = [event async for event in waiting]
             assert isinstance(events[-1], Finished)
-            assert not running.busy
+            assert not engine_running(running)
         finally:
             await running.aclose()
 

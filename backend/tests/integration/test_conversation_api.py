@@ -11,7 +11,7 @@ import pytest
 from chatbot.engines.embedded import EmbeddedEngine
 from tests.conftest import BOB_KEY, LiveServer
 from tests.sse import parse_events
-from tests.waiting import wait_until
+from tests.waiting import engine_running, wait_until
 
 
 def new_conversation(client: httpx.Client, **body: Any) -> str:
@@ -116,7 +116,7 @@ def test_a_client_that_disconnects_frees_the_engine(live_server: LiveServer) -> 
                 if name == "token":
                     break  # leave after the first token: the body is closed unread
         # 1,500 tokens would keep the engine busy for over half a minute.
-        wait_until(lambda: not engine(live_server).busy, timeout=10)
+        wait_until(lambda: not engine_running(engine(live_server)), timeout=10)
         path = f"/v1/conversations/{conversation_id}/messages"
         wait_until(lambda: len(client.get(path).json()["data"]) == 2)
         stored = client.get(path).json()["data"]
@@ -185,7 +185,7 @@ def test_a_queued_request_whose_client_leaves_gives_up_its_place(
                 assert engine(live_server).queue_depth == 1
             # Alice left while waiting: her place is freed while Bob's answer still runs.
             wait_until(lambda: engine(live_server).queue_depth == 0)
-            assert engine(live_server).busy
+            assert engine_running(engine(live_server))
         path = f"/v1/conversations/{queued}/messages"
         wait_until(lambda: len(alice.get(path).json()["data"]) == 2)
         assert alice.get(path).json()["data"][1]["status"] == "cancelled"

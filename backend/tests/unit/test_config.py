@@ -13,20 +13,27 @@ def settings(**values: object) -> Settings:
 def test_api_keys_map_bearer_keys_to_users() -> None:
     s = settings(api_keys="k-0123456789abcdef=alice, k-fedcba9876543210=bob")
     assert s.api_keys == {"k-0123456789abcdef": "alice", "k-fedcba9876543210": "bob"}
-    assert s.auth_enabled
 
 
 @pytest.mark.parametrize(
-    "value",
-    ["justakey", "k-0123456789abcdef=", "short=alice", "k-0123456789abcdef=a,k-0123456789abcdef=b"],
+    ("value", "reason"),
+    [
+        ("justakey", "CHATBOT_API_KEYS must look like 'key1=alice,key2=bob'"),
+        ("k-0123456789abcdef=", "CHATBOT_API_KEYS must look like 'key1=alice,key2=bob'"),
+        ("short=alice", "the API key of user 'alice' is shorter than 16 characters"),
+        (
+            "k-0123456789abcdef=a,k-0123456789abcdef=b",
+            r"an API key is given twice \(users 'a', 'b'\)",
+        ),
+    ],
 )
-def test_malformed_or_weak_keys_refuse_to_start(value: str) -> None:
-    with pytest.raises(ValidationError):
+def test_malformed_or_weak_keys_refuse_to_start(value: str, reason: str) -> None:
+    with pytest.raises(ValidationError, match=reason):
         settings(api_keys=value)
 
 
 def test_keyless_mode_binds_to_loopback_only() -> None:
-    assert settings(host="127.0.0.1").auth_enabled is False
+    assert settings(host="127.0.0.1").api_keys == {}
     settings(host="::1")
     with pytest.raises(ValidationError, match="loopback"):
         settings(host="0.0.0.0")
@@ -45,9 +52,13 @@ def test_environment_variables_use_the_chatbot_prefix(monkeypatch: pytest.Monkey
 
 
 def test_inconsistent_values_refuse_to_start() -> None:
-    with pytest.raises(ValidationError):
+    with pytest.raises(
+        ValidationError, match="CHATBOT_MAX_TOKENS exceeds CHATBOT_MAX_TOKENS_LIMIT"
+    ):
         settings(max_tokens=4096, max_tokens_limit=1024)
-    with pytest.raises(ValidationError):
+    with pytest.raises(
+        ValidationError, match="Input should be 'embedded', 'openai' or 'simulated'"
+    ):
         settings(engine="quantum")
 
 

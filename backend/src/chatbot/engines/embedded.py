@@ -208,11 +208,6 @@ class EmbeddedEngine(EngineBase):
         return self._scheduler.counts()[1] if self._scheduler is not None else 0
 
     @property
-    def busy(self) -> bool:
-        """Whether any request holds a sequence."""
-        return self._scheduler is not None and self._scheduler.counts()[0] > 0
-
-    @property
     def scheduler(self) -> Scheduler:
         if self._scheduler is None:
             raise ServiceUnavailable("the model is not loaded")
