@@ -80,6 +80,11 @@ FAST := not model and not postgres and not browser and not vllm
 test-fast: $(STAMP)  ## the tests that need no model, database server, browser or vLLM
 	cd backend && ../$(BIN)/pytest -m "$(FAST)"
 
+# The browser tests save the chat page's screenshots in a temporary folder; this keeps them
+# in docs/screenshots, the pictures the README shows.
+screenshots: model chromium web  ## the browser tests, saving the page's screenshots in docs/screenshots
+	cd backend && CHATBOT_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots ../$(BIN)/pytest tests/e2e
+
 lint: $(STAMP)
 	cd backend && ../$(BIN)/ruff check src tests benchmarks && ../$(BIN)/ruff format --check src tests benchmarks && ../$(BIN)/mypy
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +55,17 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def screenshots_dir(tmp_path: Path) -> Path:
+    """Where the tests save the page's screenshots: a folder of the test's own, unless
+    ``CHATBOT_SCREENSHOTS_DIR`` names one (``make screenshots`` names docs/screenshots, the
+    pictures the README shows)."""
+    named = os.environ.get("CHATBOT_SCREENSHOTS_DIR")
+    folder = Path(named) if named else tmp_path / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture

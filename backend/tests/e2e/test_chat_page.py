@@ -13,8 +13,6 @@ from tests.conftest import ALICE_KEY, BOB_KEY, CAROL_KEY, LiveServer
 from tests.e2e.chat_page import UI_TIMEOUT, ChatPage
 from tests.waiting import wait_until
 
-SCREENSHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
-
 # Words the rule router finds in no document: both turns go to the same agent, so the second
 # prompt starts with the whole first one. The first message is long so that its own words,
 # which nothing has cached yet, are a clear share of its prompt.
@@ -43,7 +41,7 @@ def open_with_key(browser: webdriver.Chrome, url: str, key: str) -> ChatPage:
 @pytest.mark.model
 @pytest.mark.timeout(900)
 def test_a_conversation_streams_answers_and_reuses_the_cache(
-    browser: webdriver.Chrome, idle_live_server: LiveServer
+    browser: webdriver.Chrome, idle_live_server: LiveServer, screenshots_dir: Path
 ) -> None:
     page = open_with_key(browser, idle_live_server.url, ALICE_KEY)
     conversation = page.new_conversation()
@@ -79,17 +77,16 @@ def test_a_conversation_streams_answers_and_reuses_the_cache(
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == FIRST_MESSAGE
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     if page.theme != "light":
         page.toggle_theme()
     light = page.background()
     page.js("document.activeElement.blur()")  # no focus ring in the pictures
-    browser.save_screenshot(str(SCREENSHOTS / "chat-light.png"))
+    assert browser.save_screenshot(str(screenshots_dir / "chat-light.png"))
     page.toggle_theme()
     assert page.theme == "dark"
     assert page.background() != light
     page.js("document.activeElement.blur()")
-    browser.save_screenshot(str(SCREENSHOTS / "chat-dark.png"))
+    assert browser.save_screenshot(str(screenshots_dir / "chat-dark.png"))
 
     # Switching away and back loads the stored messages, badges included.
     page.new_conversation()
@@ -107,7 +104,11 @@ def test_stop_ends_an_answer_as_cancelled(browser: webdriver.Chrome, slow_server
     page = open_with_key(browser, slow_server, ALICE_KEY)
     conversation = page.new_conversation()
     answer = page.send("Tell me a long story, please.")
-    page.wait().until(lambda _: page.status(answer) == "streaming" and page.text(answer))
+    # A few words first (20 a second): what the page showed is then compared with what
+    # the server stored, word for word.
+    page.wait().until(
+        lambda _: page.status(answer) == "streaming" and len(page.text(answer).split()) >= 4
+    )
 
     page.find("#stop").click()
     assert page.wait_until_ended(answer, timeout=UI_TIMEOUT) == "cancelled"
@@ -127,6 +128,7 @@ def test_stop_ends_an_answer_as_cancelled(browser: webdriver.Chrome, slow_server
 
         wait_until(lambda: stored().get("status") == "cancelled", timeout=UI_TIMEOUT)
         words = shown.split()
+        assert len(words) >= 4, shown
         assert stored()["content"].split()[: len(words) - 1] == words[:-1]
 
     assert not page.policy_violations()
