@@ -148,20 +148,31 @@ class Servers:
         self._stack = ExitStack()
         self._running: dict[str, ExitStack] = {}
 
-    def __call__(
-        self,
-        model_path: Path | None = None,
-        *,
-        use_engine: Engine | Callable[[Settings], Engine] | None = None,
-        **overrides: object,
-    ) -> LiveServer:
+    def __call__(self, model_path: Path | None = None, /, **overrides: object) -> LiveServer:
         """A running server on ``make_settings(model_path, <a new kv folder>, **overrides)``.
         ``model_path``: the real model (the ``model_path`` fixture); none for a server on
-        another engine: ``engine="simulated"`` (a setting), or ``use_engine=`` an Engine
-        object, or a function of the settings that makes one, in place of the configured
-        engine."""
+        another engine (``engine="simulated"``, ``engine="openai"``)."""
+        return self._start(model_path, None, overrides)
+
+    def on_engine(
+        self,
+        engine: Engine | Callable[[Settings], Engine],
+        model_path: Path | None = None,
+        /,
+        **overrides: object,
+    ) -> LiveServer:
+        """As calling it, with ``engine`` in place of the configured one: an Engine, or a
+        function of the settings that makes one (to wrap the configured engine)."""
+        return self._start(model_path, engine, overrides)
+
+    def _start(
+        self,
+        model_path: Path | None,
+        engine: Engine | Callable[[Settings], Engine] | None,
+        overrides: dict[str, object],
+    ) -> LiveServer:
         settings = make_settings(model_path, self._folders.mktemp("kv"), **overrides)
-        chosen = use_engine(settings) if callable(use_engine) else use_engine
+        chosen = engine(settings) if callable(engine) else engine
         app = create_app(settings, engine=chosen)
         serving = ExitStack()
         url = serving.enter_context(contextmanager(serve_in_thread)(app))

@@ -47,9 +47,7 @@ def fake_server(
 ) -> tuple[LiveServer, FakeEngine]:
     """A server on a scripted engine of its own, whose window is ``context_tokens``."""
     engine = FakeEngine(context_tokens=context_tokens)
-    chatbot = server(
-        use_engine=engine, docs_dir=docs_dir, context_tokens=context_tokens, **settings
-    )
+    chatbot = server.on_engine(engine, docs_dir=docs_dir, context_tokens=context_tokens, **settings)
     return chatbot, engine
 
 

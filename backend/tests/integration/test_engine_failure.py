@@ -70,7 +70,7 @@ def failing_server(model_path: Path, module_server: Servers) -> tuple[str, Switc
         engines.append(SwitchableFailingEngine(create_engine(settings)))
         return engines[-1]
 
-    return module_server(model_path, use_engine=failing).url, engines[0]
+    return module_server.on_engine(failing, model_path).url, engines[0]
 
 
 def test_failure_mid_stream_ends_with_an_error_and_keeps_the_conversation(
