@@ -28,8 +28,6 @@ from schemathesis import Case, CheckContext, GenerationMode, Response
 from tests.conftest import ALICE_KEY, LiveServer, Servers
 from tests.sse import parse_events
 
-pytestmark = pytest.mark.model
-
 CONTRACT = (
     Path(__file__).parents[3] / "specs" / "001-lmcache-chatbot" / "contracts" / "openapi.yaml"
 )

@@ -38,7 +38,6 @@ def open_with_key(browser: webdriver.Chrome, url: str, key: str) -> ChatPage:
     return page
 
 
-@pytest.mark.model
 @pytest.mark.timeout(900)
 def test_a_conversation_streams_answers_and_reuses_the_cache(
     browser: webdriver.Chrome, idle_live_server: LiveServer, screenshots_dir: Path

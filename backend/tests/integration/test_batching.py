@@ -26,8 +26,6 @@ from chatbot.models.domain import ChatMessage, Usage
 from chatbot.models.errors import EngineOverloaded
 from tests.waiting import engine_running
 
-pytestmark = pytest.mark.model
-
 GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0)
 SYSTEM = ChatMessage(role="system", content="You are a helpful assistant.")
 QUESTIONS = [

@@ -17,8 +17,6 @@ import pytest
 from chatbot.client.local_server import free_port
 from tests.conftest import CAROL_KEY, LiveServer
 
-pytestmark = pytest.mark.model
-
 PROMPT = "you> "
 SEP = r"(?: · | \| )"  # the second on a terminal whose encoding has no middle dot
 # The line after each answer, e.g. "TTFT 93 ms · 612/630 prompt tokens cached (97 %, RAM)".

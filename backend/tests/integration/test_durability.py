@@ -16,8 +16,6 @@ from tests.postgres import fresh_database
 from tests.processes import BOB_KEY, ChatbotProcess, chatbot_process
 from tests.sse import parse_events
 
-pytestmark = pytest.mark.model
-
 LONG_ANSWER = "Count from one to five hundred, in words."
 
 

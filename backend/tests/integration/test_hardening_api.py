@@ -14,8 +14,6 @@ import pytest
 from tests.conftest import BOB_KEY, CAROL_KEY, LiveServer, Servers
 from tests.integration.test_conversation_api import new_conversation, stream_turn
 
-pytestmark = pytest.mark.model
-
 # Raw JSON text: a lone surrogate cannot be put in a Python str sent by httpx's json=.
 BAD_TEXT = {
     "a lone surrogate": r'"x\udfff"',

@@ -22,8 +22,6 @@ from tests.integration.test_conversation_api import new_conversation
 from tests.processes import ChatbotProcess, chatbot_process
 from tests.sse import parse_events
 
-pytestmark = pytest.mark.model
-
 LONG_ANSWER = "Count from one to five hundred, in words."
 # The simulated engine (a timing model, a fake named as such) answers at a pace a test can
 # set: 400 tokens at 5 a second outlast a 1 s drain whatever a small model would say, and

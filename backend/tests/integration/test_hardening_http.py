@@ -18,8 +18,6 @@ import pytest
 
 from tests.processes import ALICE_KEY, ChatbotProcess, chatbot_process
 
-pytestmark = pytest.mark.model
-
 RECEIVE_TIMEOUT_S = 2.0
 MAX_HEADER_BYTES = 8192
 MAX_CONNECTIONS = 40

@@ -12,8 +12,6 @@ import pytest
 from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers
 from tests.sse import parse_events
 
-pytestmark = pytest.mark.model
-
 LONG_ANSWER = {"content": "Count from one to five hundred, in words.", "max_tokens": 1500}
 
 

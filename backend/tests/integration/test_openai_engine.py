@@ -23,8 +23,6 @@ from tests.sse import parse_events
 from tests.upstream import UPSTREAM_MODEL, RecordingProxy, llama_server, recording_proxy
 from tests.waiting import wait_until
 
-pytestmark = pytest.mark.model
-
 CONTEXT_TOKENS = 2048
 AFFINITY_HEADER = "x-session-id"
 

@@ -10,14 +10,11 @@ import socket
 from contextlib import ExitStack
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from chatbot.api.app import create_app
 from chatbot.services.limits import AcceptQueue
 from tests.conftest import ALICE_KEY, make_settings
-
-pytestmark = pytest.mark.model
 
 
 def test_new_answers_are_refused_while_connections_wait_to_be_accepted(

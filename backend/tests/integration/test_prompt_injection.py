@@ -27,8 +27,6 @@ from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers, serve_in_thr
 from tests.sse import parse_events
 from tests.transcripts import BANANA, BOS, PAYLOADS, expected_turns, transcript, turns
 
-pytestmark = pytest.mark.model
-
 
 def answer(http: httpx.Client, conversation_id: str, content: str, **options: Any) -> str:
     path = f"/v1/conversations/{conversation_id}/messages"
