@@ -451,10 +451,6 @@ class Settings(BaseSettings):
     def kv_folder(self) -> Path:
         return self.kv_dir if self.kv_dir is not None else self.cache_dir / "kv"
 
-    @property
-    def tracing_enabled(self) -> bool:
-        return bool(self.langfuse_public_key and self.langfuse_secret_key)
-
     def is_operator(self, user: str) -> bool:
         """Keyless, the one local user runs the server."""
         return not self.api_keys or user in self.operators
