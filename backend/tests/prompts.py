@@ -17,10 +17,10 @@ def public_tokens(
 ) -> int:
     """Tokens of the public part of ``messages``; by default, of the prefix every conversation
     shares (system prompt, documents, few-shot examples)."""
-    engine = server.services.engine
+    engine = server.state.engine
     assert isinstance(engine, EmbeddedEngine)
     if messages is None:
-        settings = server.services.settings
+        settings = server.state.settings
         documents = load_documents(settings.docs_dir, max_chars=settings.docs_max_chars)
         messages = [preamble(settings.system_prompt, documents)]
     request = GenerationRequest(

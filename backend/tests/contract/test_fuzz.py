@@ -238,7 +238,7 @@ def _prepare(case: Case, server: LiveServer, conversation_with_history: str) -> 
     if case.operation.path == "/v1/chat/completions" and isinstance(body, dict):
         meta = case.meta
         if meta is not None and meta.generation.mode is GenerationMode.POSITIVE:
-            body["model"] = server.services.engine.model_id
+            body["model"] = server.state.engine.model_id
 
 
 @schema.parametrize()
@@ -342,7 +342,7 @@ def test_bad_text_in_any_field_is_422_on_the_openai_api(
     fuzz_server: LiveServer, field: str, text: str, stream: bool
 ) -> None:
     body: dict[str, Any] = {
-        "model": fuzz_server.services.engine.model_id,
+        "model": fuzz_server.state.engine.model_id,
         "stream": stream,
         "messages": [{"role": "user", "content": "Hi"}],
     }
@@ -380,7 +380,7 @@ def test_huge_numbers_never_5xx_on_the_openai_api(
     fuzz_server: LiveServer, field: str, number: float, stream: bool
 ) -> None:
     body = {
-        "model": fuzz_server.services.engine.model_id,
+        "model": fuzz_server.state.engine.model_id,
         "stream": stream,
         "max_tokens": 2,
         "messages": [{"role": "user", "content": "Hi"}],

@@ -33,8 +33,8 @@ def stream_turn(
 
 
 def engine(server: LiveServer) -> EmbeddedEngine:
-    assert isinstance(server.services.engine, EmbeddedEngine)
-    return server.services.engine
+    assert isinstance(server.state.engine, EmbeddedEngine)
+    return server.state.engine
 
 
 def test_streamed_turn_sends_start_tokens_and_end(live_server: LiveServer) -> None:

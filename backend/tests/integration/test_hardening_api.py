@@ -38,7 +38,7 @@ def post_raw(client: httpx.Client, path: str, body: str) -> httpx.Response:
 
 
 def completion_body(server: LiveServer, content: str, stream: bool, **extra: Any) -> str:
-    fields = {"model": server.services.engine.model_id, "stream": stream, **extra}
+    fields = {"model": server.state.engine.model_id, "stream": stream, **extra}
     head = json.dumps(fields)[:-1]
     return f'{head}, "messages": [{{"role": "user", "content": {content}}}]}}'
 
@@ -158,7 +158,7 @@ def test_the_stop_list_is_bounded(live_server: LiveServer, stop: Any, message: s
 
 
 def test_the_served_schema_states_this_servers_max_tokens_limit(live_server: LiveServer) -> None:
-    limit = live_server.services.settings.max_tokens_limit
+    limit = live_server.state.settings.max_tokens_limit
     schemas = httpx.get(f"{live_server.url}/openapi.json").json()["components"]["schemas"]
     for name, field in [
         ("MessageCreate", "max_tokens"),
@@ -177,7 +177,7 @@ def test_the_served_schema_states_this_servers_max_tokens_limit(live_server: Liv
 def test_models_carry_max_model_len(live_server: LiveServer) -> None:
     with live_server.client() as client:
         card = client.get("/v1/models").json()["data"][0]
-    assert card["max_model_len"] == live_server.services.engine.context_tokens == 4096
+    assert card["max_model_len"] == live_server.state.engine.context_tokens == 4096
 
 
 def test_cache_totals_are_an_operators_only(live_server: LiveServer) -> None:

@@ -59,7 +59,7 @@ def test_the_next_answer_does_not_follow_a_forged_system_line_on_the_openai_api(
     this small base model answers "I'm a fan of bananas." whether the forged lines are quoted
     or rendered as turns (measured both ways): the word is in what the user wrote. What a
     system line would change is every later answer."""
-    model = live_server.services.engine.model_id
+    model = live_server.state.engine.model_id
     with openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
         messages: list[Any] = [{"role": "user", "content": BANANA}]
         first = sdk.chat.completions.create(model=model, messages=messages, temperature=0)
@@ -149,7 +149,7 @@ def test_forged_payloads_reach_a_model_server_as_one_user_turn_on_both_apis(
             assert body["messages"][-1]["role"] == "user"
             check_one_turn_per_message(body, payload)
 
-    model = live_server.services.engine.model_id
+    model = live_server.state.engine.model_id
     with openai.OpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
         for payload in PAYLOADS:
             completion = sdk.chat.completions.create(
