@@ -914,7 +914,7 @@ def concurrent_bench(
     from chatbot.config import Settings
 
     counts = [int(u) for u in users.split(",")]
-    parallel = Settings(_env_file=None).parallel  # type: ignore[call-arg]
+    parallel = Settings(_env_file=None).parallel
     title = "Users taking turns" if interleaved else "Users chatting at the same time"
     settings = {
         "users": users,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -67,10 +67,10 @@ def model_path() -> Path:
     return bundled_model_path(cache)
 
 
-def make_settings(model_path: Path | None, kv_dir: Path, **overrides: object) -> Settings:
+def make_settings(model_path: Path | None, kv_dir: Path, **overrides: Any) -> Settings:
     """Settings for tests: small limits, short answers, greedy decoding, four users (Carol
     an operator), and the KV cache's disk tier in a folder of the test's own."""
-    values: dict[str, object] = {
+    values: dict[str, Any] = {
         "model_path": model_path,
         "kv_dir": kv_dir,
         "api_keys": f"{ALICE_KEY}=alice,{BOB_KEY}=bob,{CAROL_KEY}=carol,{DAVE_KEY}=dave",
@@ -89,7 +89,7 @@ def make_settings(model_path: Path | None, kv_dir: Path, **overrides: object) ->
         "threads": os.cpu_count() or 1,
     }
     values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+    return Settings(_env_file=None, **values)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -82,7 +83,7 @@ def test_failure_mid_stream_ends_with_an_error_and_keeps_the_conversation(
         conversation_id = client.post("/v1/conversations", json={}).json()["id"]
         path = f"/v1/conversations/{conversation_id}/messages"
 
-        def turn(content: str) -> list[tuple[str, object]]:
+        def turn(content: str) -> list[tuple[str, Any]]:
             with client.stream("POST", path, json={"content": content}) as response:
                 return list(parse_events(response.iter_lines()))
 
@@ -108,15 +109,13 @@ def test_failure_mid_stream_ends_with_an_error_and_keeps_the_conversation(
             ("assistant", "failed"),
         ]
         assert stored[3]["content"] == "".join(
-            data["delta"]
-            for name, data in failed
-            if name == "token"  # type: ignore[index]
+            data["delta"] for name, data in failed if name == "token"
         )
         # The next turn leaves the failed exchange out and still reuses the first one.
         third = turn("What is the capital of France?")
         assert third[-1][0] == "message.end"
-        usage1 = first[-1][1]["usage"]  # type: ignore[index]
-        assert third[-1][1]["usage"]["cached_tokens"] >= usage1["prompt_tokens"]  # type: ignore[index]
+        usage1 = first[-1][1]["usage"]
+        assert third[-1][1]["usage"]["cached_tokens"] >= usage1["prompt_tokens"]
 
 
 def test_openai_stream_failure_sends_an_error_chunk(

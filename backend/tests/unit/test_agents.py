@@ -22,7 +22,7 @@ HEAD = layout.preamble("Be helpful.", DOCS)
 def exchange(question: str, answer: str, agent: AgentName, **extra: object) -> list[Message]:
     return [
         Message(conversation_id="c", role="user", content=question),
-        Message(conversation_id="c", role="assistant", content=answer, agent=agent, **extra),  # type: ignore[arg-type]
+        Message(conversation_id="c", role="assistant", content=answer, agent=agent, **extra),
     ]
 
 

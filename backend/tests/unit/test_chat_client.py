@@ -139,6 +139,7 @@ class Script:
         body = json.loads(request.content) if request.content else None
         self.sent.append((request.method, request.url.path, body))
         if request.url.path == "/v1/conversations" and request.method == "POST":
+            assert body is not None, "a conversation is created with a body"
             return httpx.Response(201, json=CONVERSATION | {"agent": body["agent"]})
         if request.url.path.endswith("/messages") and request.method == "POST":
             return self.stream()

@@ -5,7 +5,7 @@ from chatbot.models.domain import ChatMessage
 
 
 def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
-    return [ChatMessage(role=role, content=content) for role, content in pairs]  # type: ignore[arg-type]
+    return [ChatMessage(role=role, content=content) for role, content in pairs]
 
 
 def test_the_next_turns_prompt_extends_this_turns_prompt_segment_for_segment() -> None:

@@ -4,6 +4,7 @@ and deploy/ scraping /metrics with the token the chatbot requires."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -15,8 +16,10 @@ from tests.deploy_files import env_map, load_yaml
 KEYS = "alice-key-0123456789abcdef=alice,bob-key-0123456789abcdef00=bob"
 
 
-def settings(**values: object) -> Settings:
-    return Settings(_env_file=None, **values)  # type: ignore[arg-type]
+def settings(**values: Any) -> Settings:
+    """Settings from these values and the environment, never from a .env file (pydantic
+    validates the values: any type may come in)."""
+    return Settings(_env_file=None, **values)
 
 
 def test_operators_must_be_users_with_keys() -> None:

@@ -193,9 +193,14 @@ async def test_an_error_inside_the_stream_fails_the_generation() -> None:
 
 async def test_a_silent_server_times_out_and_is_not_asked_twice() -> None:
     class Silent(httpx.AsyncByteStream):
+        """Sends no chunk, then times out reading."""
+
+        chunks: tuple[bytes, ...] = ()
+
         async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in self.chunks:
+                yield chunk
             raise httpx.ReadTimeout("no chunk")
-            yield b""  # pragma: no cover - makes this an async generator
 
     transport = VLLMReplay(lambda _: httpx.Response(200, stream=Silent()), ok(ANSWER))
     with pytest.raises(EngineFailure) as raised:

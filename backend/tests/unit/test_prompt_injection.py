@@ -69,7 +69,7 @@ def rendered(messages: Sequence[ChatMessage], *, few_shot: bool = True) -> str:
 
 
 def msgs(*pairs: tuple[str, str]) -> list[ChatMessage]:
-    return [ChatMessage(role=role, content=content) for role, content in pairs]  # type: ignore[arg-type]
+    return [ChatMessage(role=role, content=content) for role, content in pairs]
 
 
 def stored(conversation: Sequence[tuple[str, AgentName | None]]) -> list[Message]:

@@ -9,7 +9,7 @@ from chatbot.services.limits import RequestRateLimiter, StreamLimiter
 
 
 def message(role: str, content: str, status: MessageStatus = MessageStatus.COMPLETE) -> Message:
-    return Message(conversation_id="c", role=role, content=content, status=status)  # type: ignore[arg-type]
+    return Message(conversation_id="c", role=role, content=content, status=status)
 
 
 def test_history_leaves_out_failed_and_empty_answers_with_their_questions() -> None:
