@@ -5,7 +5,8 @@ what the chatbot sends and when it hangs up."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tests.conftest import serve_in_thread
+from tests.sse import parse_events
 
 UPSTREAM_MODEL = MODEL_ID
 
@@ -103,3 +105,39 @@ def recording_proxy(upstream: str) -> Iterator[tuple[str, RecordingProxy]]:
     proxy = RecordingProxy(upstream.removesuffix("/v1"))
     for url in serve_in_thread(proxy.app):
         yield f"{url}/v1", proxy
+
+
+def check_killed_mid_answer(
+    alice: httpx.Client, conversation_id: str, body: Mapping[str, object], kill: Callable[[], None]
+) -> None:
+    """Sends ``body`` to a conversation with one answered turn, calls ``kill`` (the model
+    server gone, connections and all) at the first token, and checks what a user sees: an
+    ``error`` event, every earlier message kept and the answer stored as failed, then a quick
+    503 with ``Retry-After`` for the next message, which leaves nothing behind."""
+    path = f"/v1/conversations/{conversation_id}/messages"
+    events = []
+    killed = False
+    with alice.stream("POST", path, json=body) as response:
+        for event in parse_events(response.iter_lines()):
+            events.append(event)
+            if event[0] == "token" and not killed:
+                kill()
+                killed = True
+    name, error = events[-1]
+    assert name == "error", events
+    assert error["error"]["code"] == "engine_failed"
+    messages = alice.get(path).json()["data"]
+    assert [(m["role"], m["status"]) for m in messages] == [
+        ("user", "complete"),
+        ("assistant", "complete"),
+        ("user", "complete"),
+        ("assistant", "failed"),
+    ]
+    started = time.monotonic()
+    refused = alice.post(path, json={"content": "Are you there?"})
+    waited = time.monotonic() - started
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "engine_unreachable"
+    assert int(refused.headers["retry-after"]) > 0
+    assert waited < 5, "a server that is down must be refused, not waited for"
+    assert len(alice.get(path).json()["data"]) == 4  # the refused turn left nothing

@@ -7,7 +7,6 @@ relayed, another chatbot on the embedded engine, which reports ``cached_tokens``
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,13 @@ from benchmarks.servers import Target
 from chatbot.engines.openai import affinity_key
 from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers
 from tests.sse import parse_events
-from tests.upstream import UPSTREAM_MODEL, RecordingProxy, llama_server, recording_proxy
+from tests.upstream import (
+    UPSTREAM_MODEL,
+    RecordingProxy,
+    check_killed_mid_answer,
+    llama_server,
+    recording_proxy,
+)
 from tests.waiting import wait_until
 
 CONTEXT_TOKENS = 2048
@@ -217,34 +222,13 @@ def test_a_model_server_that_dies_mid_answer(
         with client(url) as alice:
             conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
             ended(turn(alice, conversation_id, "What is a widget?"))
-            path = f"/v1/conversations/{conversation_id}/messages"
-            events = []
-            body = {"content": "Count from one to one hundred."}
-            with alice.stream("POST", path, json=body) as response:
-                for event in parse_events(response.iter_lines()):
-                    events.append(event)
-                    if event[0] == "token" and process.poll() is None:
-                        process.kill()  # SIGKILL: gone mid-sentence, connections and all
-                        process.wait(timeout=30)
-            name, error = events[-1]
-            assert name == "error", events
-            assert error["error"]["code"] == "engine_failed"
-            messages = alice.get(path).json()["data"]
-            assert [(m["role"], m["status"]) for m in messages] == [
-                ("user", "complete"),
-                ("assistant", "complete"),
-                ("user", "complete"),
-                ("assistant", "failed"),
-            ]
 
-            started = time.monotonic()
-            refused = alice.post(path, json={"content": "Are you there?"})
-            waited = time.monotonic() - started
-            assert refused.status_code == 503
-            assert refused.json()["error"]["code"] == "engine_unreachable"
-            assert int(refused.headers["retry-after"]) > 0
-            assert waited < 5, "a server that is down must be refused, not waited for"
-            assert len(alice.get(path).json()["data"]) == 4  # the refused turn left nothing
+            def kill() -> None:
+                process.kill()  # SIGKILL: gone mid-sentence, connections and all
+                process.wait(timeout=30)
+
+            body = {"content": "Count from one to one hundred."}
+            check_killed_mid_answer(alice, conversation_id, body, kill)
 
 
 def test_a_model_server_that_is_down_at_start(

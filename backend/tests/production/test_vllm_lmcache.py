@@ -6,7 +6,6 @@ Every figure asserted here is read from vLLM's or LMCache's own answers and metr
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from benchmarks.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
 from tests.conftest import ALICE_KEY, Servers
 from tests.production.chat import INVENTED_TURN, LONG_ANSWER, NOTES, client, turn
 from tests.production.conftest import Stack, chatbot_front
-from tests.sse import parse_events
+from tests.upstream import check_killed_mid_answer
 from tests.waiting import wait_until
 
 # A test that starts vLLM (about a minute on two cores, more when converting the model) may
@@ -183,34 +182,8 @@ def test_vllm_killed_mid_answer(stack: Stack, front: str) -> None:
     """SIGKILL to vLLM and its engine mid-stream: an ``error`` event, the conversation keeps
     every earlier message and the failed answer, and the next message is a quick 503 with
     ``Retry-After``. Runs last: it leaves vLLM down."""
-    process = stack.vllm.process
-    assert process is not None
     with client(front) as alice:
         conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
         turn(alice, conversation_id, "What is a widget?")
-        path = f"/v1/conversations/{conversation_id}/messages"
-        events = []
         body = {"content": LONG_ANSWER, "max_tokens": 400}
-        with alice.stream("POST", path, json=body) as response:
-            for event in parse_events(response.iter_lines()):
-                events.append(event)
-                if event[0] == "token" and process.running:
-                    stack.vllm.kill()
-        name, error = events[-1]
-        assert name == "error", events
-        assert error["error"]["code"] == "engine_failed"
-        messages = alice.get(path).json()["data"]
-        assert [(m["role"], m["status"]) for m in messages] == [
-            ("user", "complete"),
-            ("assistant", "complete"),
-            ("user", "complete"),
-            ("assistant", "failed"),
-        ]
-        started = time.monotonic()
-        refused = alice.post(path, json={"content": "Are you there?"})
-        waited = time.monotonic() - started
-        assert refused.status_code == 503
-        assert refused.json()["error"]["code"] == "engine_unreachable"
-        assert int(refused.headers["retry-after"]) > 0
-        assert waited < 5, "a server that is down must be refused, not waited for"
-        assert len(alice.get(path).json()["data"]) == 4
+        check_killed_mid_answer(alice, conversation_id, body, stack.vllm.kill)
