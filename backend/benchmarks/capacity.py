@@ -89,6 +89,13 @@ class Plan:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
+def decode_step_s(gpu: GpuModel, sequences: float, context_tokens: float) -> float:
+    """One decode step: memory-bound, it reads the weights once and every running
+    sequence's KV."""
+    kv = sequences * context_tokens * gpu.kv_bytes_per_token
+    return (gpu.weight_bytes + kv) / gpu.hbm_bytes_per_s
+
+
 def _needs(workload: Workload, gpu: GpuModel) -> tuple[dict[str, float], dict[str, float]]:
     rate = workload.tokens_per_s or gpu.decode_tokens_per_s
     requests = workload.users * workload.messages_per_minute / 60
@@ -133,7 +140,7 @@ def plan(workload: Workload, gpu: GpuModel | None = None) -> Plan:
     binding = max(needs, key=lambda name: needs[name])
     replicas = max(1, math.ceil(needs[binding] - 1e-9)) if workload.users else 0
     per_replica = f["sequences"] / replicas if replicas else 0.0
-    step = gpu.decode_step_s(per_replica, f["context"]) if replicas else 0.0
+    step = decode_step_s(gpu, per_replica, f["context"]) if replicas else 0.0
     cold_needs, _ = _needs(replace(workload, hit_rate=0.0), gpu)
     without = max(1, math.ceil(max(cold_needs.values()) - 1e-9)) if workload.users else 0
     return Plan(

@@ -88,8 +88,9 @@ class GpuModel:
     kv_bytes_per_token: int = 128 * 1024
     # Pinned host -> GPU copy, GPU probe: ~54 GB/s, i.e. 2.43 µs per token of KV.
     load_s_per_token: float = 128 * 1024 / 54e9
-    # A stream's decode rate under load: see decode_step_s; 40 tokens/s is a replica decoding
-    # ~128 sequences of ~2k tokens each at once.
+    # A stream's decode rate under load (benchmarks/capacity.py derives a step's time from
+    # the bandwidth below); 40 tokens/s is a replica decoding ~128 sequences of ~2k tokens
+    # each at once.
     decode_tokens_per_s: float = 40.0
     # H100 SXM HBM3: 3.35 TB/s (NVIDIA's datasheet); decode reaches about 70 % of it
     # (an assumption: memory-bound kernels rarely do better).
@@ -119,12 +120,6 @@ class GpuModel:
     def load_s(self, tokens: int) -> float:
         """Copying ``tokens`` of KV from CPU RAM to the GPU."""
         return self.load_s_per_token * tokens
-
-    def decode_step_s(self, sequences: float, context_tokens: float) -> float:
-        """One decode step: memory-bound, it reads the weights once and every running
-        sequence's KV."""
-        kv = sequences * context_tokens * self.kv_bytes_per_token
-        return (self.weight_bytes + kv) / self.hbm_bytes_per_s
 
     @property
     def gpu_cache_tokens(self) -> int:
