@@ -30,6 +30,7 @@ from chatbot.models.domain import ChatMessage
 from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer
 from tests.integration.test_conversation_api import new_conversation, stream_turn
 from tests.prompts import public_tokens
+from tests.sse import parse_events
 from tests.waiting import wait_until
 
 # About 190 tokens each: several 64-token chunks of the KV cache's index, all of them the
@@ -109,8 +110,8 @@ def test_bob_gets_404_not_409_while_alices_answer_streams(
                 json={"content": "Count from one to fifty, in words.", "max_tokens": 200},
             ) as response,
         ):
-            for line in response.iter_lines():
-                if line.startswith("event: token"):
+            for name, _ in parse_events(response.iter_lines()):
+                if name == "token":
                     started.set()
                     release.wait(timeout=30)
                     return

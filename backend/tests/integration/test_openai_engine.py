@@ -153,8 +153,8 @@ def test_a_client_that_hangs_up_cancels_the_upstream_request(
         path = f"/v1/conversations/{conversation_id}/messages"
         body = {"content": "Count from one to one hundred.", "max_tokens": 400}
         with alice.stream("POST", path, json=body) as response:
-            for line in response.iter_lines():
-                if line.startswith("event: token"):
+            for name, _ in parse_events(response.iter_lines()):
+                if name == "token":
                     break
         upstream_request = proxy.completions()[-1]
         wait_until(lambda: upstream_request.closed)

@@ -16,6 +16,7 @@ from benchmarks.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
 from tests.conftest import ALICE_KEY, Servers
 from tests.production.chat import INVENTED_TURN, LONG_ANSWER, NOTES, client, turn
 from tests.production.conftest import Stack, chatbot_front
+from tests.sse import parse_events
 from tests.upstream import check_killed_mid_answer
 from tests.waiting import wait_until
 
@@ -116,8 +117,8 @@ def test_a_client_that_hangs_up_aborts_the_vllm_request(stack: Stack, front: str
         body = {"content": LONG_ANSWER, "max_tokens": 400}
         before = finished()
         with alice.stream("POST", path, json=body) as response:
-            for line in response.iter_lines():
-                if line.startswith("event: token"):
+            for name, _ in parse_events(response.iter_lines()):
+                if name == "token":
                     break
             assert running() == 1  # the answer is being generated as the client leaves
         wait_until(lambda: running() == 0)
