@@ -10,13 +10,16 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 from benchmarks.servers import MODEL_ID, Target, llama_cpp_server
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
+from openai.types import CompletionUsage
 
-from tests.conftest import serve_in_thread
+from tests.conftest import ALICE_KEY, serve_in_thread
 from tests.sse import parse_events
 
 UPSTREAM_MODEL = MODEL_ID
@@ -141,3 +144,30 @@ def check_killed_mid_answer(
     assert int(refused.headers["retry-after"]) > 0
     assert waited < 5, "a server that is down must be refused, not waited for"
     assert len(alice.get(path).json()["data"]) == 4  # the refused turn left nothing
+
+
+def sdk_rounds(url: str, model: str, first: str, then: str) -> list[tuple[str, CompletionUsage]]:
+    """Two streamed rounds of one conversation through the official ``openai`` client (the
+    second sends the first's answer back, then ``then``): each round's answer and usage."""
+    rounds = []
+    with openai.OpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
+        messages: list[Any] = [{"role": "user", "content": first}]
+        for _ in range(2):
+            stream = sdk.chat.completions.create(
+                model=model,
+                messages=messages,
+                stream=True,
+                max_tokens=16,
+                temperature=0,
+                stream_options={"include_usage": True},
+            )
+            chunks = list(stream)
+            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            usage = chunks[-1].usage
+            assert usage is not None
+            rounds.append((answer, usage))
+            messages += [
+                {"role": "assistant", "content": answer},
+                {"role": "user", "content": then},
+            ]
+    return rounds

@@ -25,6 +25,7 @@ from tests.upstream import (
     check_killed_mid_answer,
     llama_server,
     recording_proxy,
+    sdk_rounds,
 )
 from tests.waiting import wait_until
 
@@ -182,32 +183,12 @@ def test_usage_and_cached_tokens_are_relayed_from_the_model_server(
     assert two["prompt_tokens"] > one["prompt_tokens"]
     assert two["cached_tokens"] >= one["prompt_tokens"]
 
-    with openai.OpenAI(base_url=f"{url}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
-        messages: list[Any] = [{"role": "user", "content": "Say something about widgets."}]
-        usages = []
-        for _ in range(2):
-            stream = sdk.chat.completions.create(
-                model=model,
-                messages=messages,
-                stream=True,
-                max_tokens=16,
-                temperature=0,
-                stream_options={"include_usage": True},
-            )
-            chunks = list(stream)
-            usage = chunks[-1].usage
-            assert usage is not None
-            assert usage.prompt_tokens_details is not None
-            usages.append(usage)
-            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            messages += [
-                {"role": "assistant", "content": answer},
-                {"role": "user", "content": "Go on."},
-            ]
-    cached = usages[1].prompt_tokens_details
+    rounds = sdk_rounds(url, model, "Say something about widgets.", "Go on.")
+    first, second = (usage for _, usage in rounds)
+    cached = second.prompt_tokens_details
     assert cached is not None
     assert cached.cached_tokens is not None
-    assert cached.cached_tokens >= usages[0].prompt_tokens
+    assert cached.cached_tokens >= first.prompt_tokens
 
 
 def test_a_model_server_that_dies_mid_answer(

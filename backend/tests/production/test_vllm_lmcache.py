@@ -7,17 +7,15 @@ Every figure asserted here is read from vLLM's or LMCache's own answers and metr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import openai
 import pytest
 from benchmarks.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
 
-from tests.conftest import ALICE_KEY, Servers
+from tests.conftest import Servers
 from tests.production.chat import INVENTED_TURN, LONG_ANSWER, NOTES, client, turn
 from tests.production.conftest import Stack, chatbot_front
 from tests.sse import parse_events
-from tests.upstream import check_killed_mid_answer
+from tests.upstream import check_killed_mid_answer, sdk_rounds
 from tests.waiting import wait_until
 
 # A test that starts vLLM (about a minute on two cores, more when converting the model) may
@@ -74,29 +72,11 @@ def test_streamed_turns_relay_the_cached_tokens_of_vllms_prefix_cache(front: str
 
 
 def test_the_official_openai_client_through_the_chatbot(front: str) -> None:
-    with openai.OpenAI(base_url=f"{front}/v1", api_key=ALICE_KEY, max_retries=0) as sdk:
-        messages: list[Any] = [{"role": "user", "content": "Name a colour."}]
-        usages = []
-        for _ in range(2):
-            stream = sdk.chat.completions.create(
-                model=SERVED_MODEL,
-                messages=messages,
-                stream=True,
-                max_tokens=16,
-                temperature=0,
-                stream_options={"include_usage": True},
-            )
-            chunks = list(stream)
-            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            assert answer.strip()
-            assert not INVENTED_TURN.search(answer), answer
-            usage = chunks[-1].usage
-            assert usage is not None
-            usages.append(usage)
-            messages += [
-                {"role": "assistant", "content": answer},
-                {"role": "user", "content": "And another one?"},
-            ]
+    rounds = sdk_rounds(front, SERVED_MODEL, "Name a colour.", "And another one?")
+    for answer, _ in rounds:
+        assert answer.strip()
+        assert not INVENTED_TURN.search(answer), answer
+    usages = [usage for _, usage in rounds]
     details = usages[1].prompt_tokens_details
     assert details is not None
     assert details.cached_tokens is not None
