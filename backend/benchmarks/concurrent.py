@@ -67,6 +67,12 @@ class Prompts:
 Ask = Callable[[httpx.Client, int, list[ChatMessage], int], Reply]
 
 
+def _turn(user: int, round_: int) -> str:
+    """What ``user`` says in round ``round_``: the first round also carries their note."""
+    content = question(user, round_)
+    return f"{note(user)}\n\n{content}" if round_ == 1 else content
+
+
 def chatbot_asker(target: Target) -> Ask:
     def ask(client: httpx.Client, user: int, messages: list[ChatMessage], n: int) -> Reply:
         history = [m.model_dump() for m in messages if m.role != "system"]
@@ -131,10 +137,7 @@ def take_turns(
     with httpx.Client(base_url=target.url, timeout=600) as http:
         for r in range(1, rounds + 1):
             for user, messages in enumerate(conversations):
-                content = question(user, r)
-                if r == 1:
-                    content = f"{note(user)}\n\n{content}"
-                messages.append(ChatMessage(role="user", content=content))
+                messages.append(ChatMessage(role="user", content=_turn(user, r)))
                 reply = ask(http, user, messages, answer_tokens)
                 messages.append(ChatMessage(role="assistant", content=reply.text))
                 turns.append(Row.of(user, r, reply))
@@ -157,10 +160,7 @@ def play(
             with httpx.Client(base_url=target.url, timeout=600) as http:
                 start.wait()
                 for r in range(1, rounds + 1):
-                    content = question(user, r)
-                    if r == 1:
-                        content = f"{note(user)}\n\n{content}"
-                    messages.append(ChatMessage(role="user", content=content))
+                    messages.append(ChatMessage(role="user", content=_turn(user, r)))
                     reply = ask(http, user, messages, answer_tokens)
                     messages.append(ChatMessage(role="assistant", content=reply.text))
                     with lock:

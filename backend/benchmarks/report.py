@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 Run = dict[str, Any]  # {"target": name, "rows": [...], "cache": {...}, "peak_rss_mib": ...}
@@ -68,9 +69,7 @@ def plot_ttft_by_round(runs: list[Run], path: Path, title: str, xlabel: str) -> 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_cdf(runs: list[Run], path: Path, title: str, keep: Any) -> None:
@@ -81,9 +80,7 @@ def plot_cdf(runs: list[Run], path: Path, title: str, keep: Any) -> None:
     ax.set(title=title, xlabel="TTFT (ms)", ylabel="share of requests", xscale="log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_hit_split(runs: list[Run], path: Path, title: str) -> None:
@@ -107,9 +104,7 @@ def plot_hit_split(runs: list[Run], path: Path, title: str) -> None:
     ax.set(title=title, ylabel="share of prompt tokens", ylim=(0, 1))
     ax.legend(fontsize=8)
     plt.setp(ax.get_xticklabels(), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_prefill(runs: list[Run], path: Path, title: str) -> None:
@@ -128,9 +123,7 @@ def plot_prefill(runs: list[Run], path: Path, title: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_by_users(runs: list[Run], path: Path, title: str) -> None:
@@ -153,6 +146,10 @@ def plot_by_users(runs: list[Run], path: Path, title: str) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
