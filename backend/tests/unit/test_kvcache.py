@@ -56,20 +56,28 @@ class FakeContext:
         self.held = PromptKey([], 0, b"")
 
     def prepare(self, cache: KVCache, key: PromptKey) -> Reuse:
-        """As the engine does: keep in place what the owner may use, then ask the cache."""
+        """As the engine does: keep in place what the owner may use, then load a saved state
+        if the cache has one that serves more."""
         live = min(shareable_prefix(self.held, key), len(key.tokens) - 1)
         self.truncate(live)
-        reuse = cache.prepare(self, key, live)
+        reuse = Reuse(live, CacheTier.LIVE if live else None)
+        restore = cache.find(key, live)
+        if restore is not None:
+            payload = cache.fetch(restore).result()
+            if payload is not None:
+                reuse = cache.load(self, restore, payload)
+        cache.count(key, reuse)
         assert self.tokens == list(key.tokens[: reuse.tokens])
         self.held = PromptKey(self.tokens, key.public_tokens, key.owner)
         return reuse
 
     def run(self, cache: KVCache, key: PromptKey, answer: Sequence[int] = (7, 7)) -> int:
-        """One turn: prepare, "prefill" the rest, "generate", commit. Returns tokens reused."""
+        """One turn: prepare, "prefill" the rest, "generate", save. Returns tokens reused."""
         reuse = self.prepare(cache, key)
         self.tokens = [*key.tokens, *answer]
         self.held = PromptKey(self.tokens, key.public_tokens, key.owner)
-        cache.commit(self, key)
+        if cache.worth_saving(len(self.tokens)):
+            cache.save(self.held, self.export_state()).result()
         return reuse.tokens
 
 
@@ -279,7 +287,7 @@ def test_a_bad_chunk_size_is_refused() -> None:
 def _tier_of(cache: KVCache, key: PromptKey) -> CacheTier | None:
     """Which tier holds the state saved after ``key``'s turn (found without touching it)."""
     probe = PromptKey([*key.tokens, 7, 7, 0], key.public_tokens, key.owner)
-    found = cache._find(probe, len(probe.tokens) - 1)
-    if found is None or found[1] < len(key.tokens) + 2:
+    restore = cache.find(probe, 0)
+    if restore is None or restore.tokens < len(key.tokens) + 2:
         return None
-    return found[0].tier
+    return restore.tier

@@ -20,6 +20,7 @@ import logging
 import threading
 from array import array
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -38,15 +39,11 @@ _FASTEST_FIRST = {tier: rank for rank, tier in enumerate(CacheTier)}
 
 
 class SequenceState(Protocol):
-    """One sequence of the llama.cpp context, as the cache drives it."""
-
-    def held_tokens(self) -> Sequence[int]: ...
+    """One sequence of the llama.cpp context, as a load drives it."""
 
     def truncate(self, n_tokens: int) -> bool:
         """Keep the first ``n_tokens``; False if the context cannot."""
         ...
-
-    def export_state(self) -> bytearray: ...
 
     def import_state(self, payload: bytearray, tokens: Sequence[int]) -> bool:
         """Replace the sequence with a saved state of ``tokens``; False if it was refused
@@ -62,6 +59,19 @@ class Reuse:
     tier: CacheTier | None
 
 
+@dataclass(frozen=True, slots=True)
+class Restore:
+    """A saved state that serves more of a prompt than the live context does: load it, then
+    keep its first ``tokens``."""
+
+    entry_id: str
+    tokens: int
+    state_tokens: Sequence[int]
+    """What the saved state holds, all of it (llama.cpp loads a state whole)."""
+    tier: CacheTier
+    """Where it was found; it may have moved on by the time it is fetched."""
+
+
 @dataclass(eq=False, slots=True)
 class _Entry:
     meta: EntryMeta
@@ -74,6 +84,12 @@ class _Entry:
 
 
 class KVCache:
+    """The index is shared by the engine's worker thread (lookups, counters) and one I/O
+    thread of the cache's own, which alone touches the tiers: every read and write of a
+    state's bytes, every spill to disk, runs there, never inside a step. The lock guards
+    the index and the counters only, and is never held across I/O: ``stats()`` and a lookup
+    wait for no disk write."""
+
     def __init__(
         self,
         *,
@@ -97,6 +113,7 @@ class KVCache:
         self.chunk_tokens = chunk_tokens
         self.min_load_gain = min_load_gain
         self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-io")
         self._entries: dict[str, _Entry] = {}
         self._by_hash: dict[bytes, dict[str, None]] = {}  # insertion-ordered sets
         self._by_last_hash: dict[bytes, set[str]] = {}
@@ -115,50 +132,140 @@ class KVCache:
     def stores_states(self) -> bool:
         return any(tier.budget_bytes > 0 for tier in self._tiers.values())
 
-    # -- the turn: prepare the context for a prompt, then save what it holds ---------------
+    # -- the turn: find a saved state for a prompt, load it, save what the sequence holds --
 
-    def prepare(self, context: SequenceState, key: PromptKey, live: int) -> Reuse:
-        """``context`` is a sequence that already holds the first ``live`` tokens of
-        ``key.tokens`` (kept from its last answer, or shared from another resident sequence).
-        Load a saved state instead if one serves ``min_load_gain`` more tokens that ``key``'s
-        owner may use; at least one token is always left to evaluate."""
+    def find(self, key: PromptKey, live: int) -> Restore | None:
+        """A saved state that serves ``key``'s owner at least ``min_load_gain`` more tokens
+        than the ``live`` ones a resident sequence already holds; no I/O. At least one
+        token is always left to evaluate."""
         limit = len(key.tokens) - 1
-        live = min(live, limit)
         with self._lock:
-            reuse = Reuse(live, CacheTier.LIVE if live else None)
             found = self._find(key, limit)
-            if found is not None and found[1] >= live + max(1, self.min_load_gain):
-                entry, n = found
-                reuse = Reuse(n, entry.tier) if self._load(context, entry, n) else Reuse(0, None)
-            self._count(key, reuse)
-            return reuse
+        if found is None or found[1] < min(live, limit) + max(1, self.min_load_gain):
+            return None
+        entry, n = found
+        return Restore(entry.meta.id, n, entry.meta.tokens, entry.tier)
 
-    def commit(self, context: SequenceState, key: PromptKey) -> None:
-        """After a generation for ``key``: save the state of what the sequence holds now
-        (the prompt and the answer) unless a tier already holds it."""
-        held = array("i", context.held_tokens())
-        if not self.stores_states or len(held) < self.chunk_tokens:
-            return
-        saved = PromptKey(held, min(key.public_tokens, len(held)), key.owner)
+    def fetch(self, restore: Restore) -> Future[bytearray | None]:
+        """The saved state's bytes, read on the I/O thread; None if it is gone (evicted for
+        good since it was found, or a damaged file)."""
+        return self._io.submit(self._read, restore.entry_id)
+
+    def load(self, sequence: SequenceState, restore: Restore, payload: bytearray) -> Reuse:
+        """Replace ``sequence``'s contents with the fetched state, kept to the prefix the
+        prompt uses. On the engine's thread: this is the one copy into llama.cpp."""
+        if sequence.import_state(payload, restore.state_tokens) and sequence.truncate(
+            restore.tokens
+        ):
+            return Reuse(restore.tokens, restore.tier)
+        logger.warning("llama.cpp refused a saved KV state; dropping it")
+        self._io.submit(self._drop, restore.entry_id)
+        return Reuse(0, None)
+
+    def count(self, key: PromptKey, reuse: Reuse) -> None:
+        """Record what a prompt got, for the hit-rate counters."""
+        hits = {reuse.tier: reuse.tokens} if reuse.tier is not None else {}
         with self._lock:
-            hashes = self._hashes(saved)
-            found = self._find(saved, len(held), hashes)
-            if found is not None and found[1] >= len(held):
-                return
-            self._put(saved, context.export_state(), hashes)
+            self._counters.count(key.owner, len(key.tokens), hits)
+
+    def worth_saving(self, tokens: int) -> bool:
+        """Whether a sequence of ``tokens`` would be saved at all."""
+        return self.stores_states and tokens >= self.chunk_tokens
+
+    def save(self, key: PromptKey, payload: bytearray) -> Future[None]:
+        """Save ``payload``, the state of a sequence holding ``key.tokens`` (exported by the
+        caller, the one step that must be on the engine's thread), on the I/O thread,
+        unless a tier already holds it."""
+        return self._io.submit(self._store, key, payload)
 
     def flush(self) -> None:
         """Move what RAM holds to disk, within its budget (on a graceful shutdown), so that
         the next process starts warm. The most recently used states are kept first."""
-        with self._lock:
-            disk = self._tiers.get(CacheTier.DISK)
-            if disk is None:
-                return
-            for entry_id, payload in self._ram.drain():
-                self._spill(entry_id, payload, [CacheTier.DISK])
-            logger.info("KV cache: saved states on disk: %d", len(disk))
+        self._io.submit(self._flush).result()
 
-    # -- lookup, load, store ---------------------------------------------------------------
+    def close(self) -> None:
+        """Finish the saves already asked for, then stop the I/O thread."""
+        self._io.shutdown(wait=True)
+
+    # -- on the I/O thread -----------------------------------------------------------------
+
+    def _read(self, entry_id: str) -> bytearray | None:
+        with self._lock:
+            entry = self._entries.get(entry_id)
+        if entry is None:
+            return None
+        payload = self._tiers[entry.tier].get(entry_id)
+        if payload is None:  # a damaged file, already reported by the tier
+            with self._lock:
+                self._unindex(entry_id)
+        return payload
+
+    def _store(self, key: PromptKey, payload: bytearray) -> None:
+        with self._lock:
+            hashes = self._hashes(key)
+            found = self._find(key, len(key.tokens), hashes)
+            entry_id = _entry_id(self.namespace, key)
+            if (found is not None and found[1] >= len(key.tokens)) or entry_id in self._entries:
+                return
+            meta = EntryMeta(entry_id, array("i", key.tokens), key.public_tokens, key.owner)
+            superseded = self._supersede(meta, hashes)
+        for old in superseded:
+            self._tiers[old.tier].remove(old.meta.id)
+        self._save(meta, payload, hashes, list(self._tiers))
+
+    def _flush(self) -> None:
+        disk = self._tiers.get(CacheTier.DISK)
+        if disk is None:
+            return
+        for entry_id, payload in self._ram.drain():
+            self._spill(entry_id, payload, [CacheTier.DISK])
+        logger.info("KV cache: saved states on disk: %d", len(disk))
+
+    def _save(
+        self, meta: EntryMeta, payload: bytearray, hashes: list[bytes], order: list[CacheTier]
+    ) -> None:
+        """Into the first tier of ``order`` that can hold ``payload``; what that pushes out
+        moves on to the tiers after it, or is gone after the last."""
+        for rank, name in enumerate(order):
+            tier = self._tiers[name]
+            if not tier.fits(len(payload)):
+                continue
+            try:
+                evicted = tier.put(meta, payload)
+            except OSError as exc:
+                logger.warning("could not save a KV state to %s: %s", name, exc)
+                return
+            with self._lock:
+                self._index(meta, name, hashes)
+                counters = self._counters.tiers[name]
+                counters.stores += 1
+                counters.evictions += len(evicted)
+                for old in evicted:
+                    if old.payload is None:
+                        self._unindex(old.id)
+            for old in evicted:
+                if old.payload is not None:
+                    self._spill(old.id, old.payload, order[rank + 1 :])
+            return
+
+    def _spill(self, entry_id: str, payload: bytearray, order: list[CacheTier]) -> None:
+        """Move an entry, given up by its tier, to the first of ``order`` that holds it."""
+        with self._lock:
+            entry = self._entries.get(entry_id)
+            if entry is None:
+                return
+            self._unindex(entry_id)
+        self._save(entry.meta, payload, entry.hashes, order)
+
+    def _drop(self, entry_id: str) -> None:
+        with self._lock:
+            entry = self._entries.get(entry_id)
+            if entry is None:
+                return
+            self._unindex(entry_id)
+        self._tiers[entry.tier].remove(entry_id)
+
+    # -- lookup (under the lock) -----------------------------------------------------------
 
     def _hashes(self, key: PromptKey) -> list[bytes]:
         return chunk_hashes(key, namespace=self.namespace, chunk_tokens=self.chunk_tokens)
@@ -176,69 +283,25 @@ class KVCache:
             return entry, n
         return None
 
-    def _load(self, context: SequenceState, entry: _Entry, n_tokens: int) -> bool:
-        payload = self._tiers[entry.tier].get(entry.meta.id)
-        if payload is None:  # a damaged file, already reported by the tier
-            self._unindex(entry.meta.id)
-            return False
-        if context.import_state(payload, entry.meta.tokens) and context.truncate(n_tokens):
-            return True
-        logger.warning("llama.cpp refused a saved KV state; dropping it")
-        self._drop(entry.meta.id)
-        return False
-
-    def _put(self, key: PromptKey, payload: bytearray, hashes: list[bytes]) -> None:
-        entry_id = _entry_id(self.namespace, key)
-        if entry_id in self._entries:
-            return
-        meta = EntryMeta(entry_id, array("i", key.tokens), key.public_tokens, key.owner)
-        self._supersede(meta, hashes)
-        self._save(meta, payload, hashes, list(self._tiers))
-
-    def _save(
-        self, meta: EntryMeta, payload: bytearray, hashes: list[bytes], order: list[CacheTier]
-    ) -> None:
-        """Into the first tier of ``order`` that can hold ``payload``; what that pushes out
-        moves on to the tiers after it, or is gone after the last."""
-        for rank, name in enumerate(order):
-            tier = self._tiers[name]
-            if not tier.fits(len(payload)):
-                continue
-            try:
-                evicted = tier.put(meta, payload)
-            except OSError as exc:
-                logger.warning("could not save a KV state to %s: %s", name, exc)
-                return
-            self._index(meta, name, hashes)
-            counters = self._counters.tiers[name]
-            counters.stores += 1
-            for old in evicted:
-                counters.evictions += 1
-                if old.payload is None:
-                    self._unindex(old.id)
-                else:
-                    self._spill(old.id, old.payload, order[rank + 1 :])
-            return
-
-    def _spill(self, entry_id: str, payload: bytearray, order: list[CacheTier]) -> None:
-        """Move an entry, given up by its tier, to the first of ``order`` that holds it."""
-        entry = self._entries.get(entry_id)
-        if entry is None:
-            return
-        self._unindex(entry_id)
-        self._save(entry.meta, payload, entry.hashes, order)
-
-    def _supersede(self, meta: EntryMeta, hashes: list[bytes]) -> None:
-        """Drop entries that ``meta`` (whose chunk hashes are ``hashes``) makes redundant:
-        earlier states of the same conversation."""
+    def _supersede(self, meta: EntryMeta, hashes: list[bytes]) -> list[_Entry]:
+        """Unindex the entries that ``meta`` (whose chunk hashes are ``hashes``) makes
+        redundant, earlier states of the same conversation; their bytes are the caller's
+        to remove."""
+        superseded: list[_Entry] = []
         for h in hashes:
             for old_id in list(self._by_last_hash.get(h, ())):
-                old = self._entries[old_id].meta
-                same_owner = old.owner == meta.owner and old.public_tokens <= meta.public_tokens
-                public = len(old.tokens) <= min(old.public_tokens, meta.public_tokens)
-                is_prefix = common_prefix_length(old.tokens, meta.tokens) == len(old.tokens)
+                old = self._entries[old_id]
+                same_owner = old.meta.owner == meta.owner and (
+                    old.meta.public_tokens <= meta.public_tokens
+                )
+                public = len(old.meta.tokens) <= min(old.meta.public_tokens, meta.public_tokens)
+                is_prefix = common_prefix_length(old.meta.tokens, meta.tokens) == len(
+                    old.meta.tokens
+                )
                 if is_prefix and (same_owner or public):
-                    self._drop(old_id)
+                    self._unindex(old_id)
+                    superseded.append(old)
+        return superseded
 
     # -- the index -------------------------------------------------------------------------
 
@@ -246,7 +309,7 @@ class KVCache:
         if hashes is None:
             hashes = self._hashes(PromptKey(meta.tokens, meta.public_tokens, meta.owner))
         if not hashes:  # shorter than a chunk: no prompt could ever find it
-            self._drop_bytes(meta.id, tier)
+            self._tiers[tier].remove(meta.id)
             return
         self._entries[meta.id] = _Entry(meta, hashes, tier)
         for h in hashes:
@@ -267,20 +330,7 @@ class KVCache:
         if not last:
             del self._by_last_hash[entry.hashes[-1]]
 
-    def _drop(self, entry_id: str) -> None:
-        entry = self._entries.get(entry_id)
-        if entry is not None:
-            self._unindex(entry_id)
-            self._drop_bytes(entry_id, entry.tier)
-
-    def _drop_bytes(self, entry_id: str, tier: CacheTier) -> None:
-        self._tiers[tier].remove(entry_id)
-
     # -- counters --------------------------------------------------------------------------
-
-    def _count(self, key: PromptKey, reuse: Reuse) -> None:
-        hits = {reuse.tier: reuse.tokens} if reuse.tier is not None else {}
-        self._counters.count(key.owner, len(key.tokens), hits)
 
     def stats(self, resident_sequences: int) -> CacheStats:
         """``resident_sequences``: what the live tier holds, which the engine knows."""

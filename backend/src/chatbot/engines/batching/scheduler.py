@@ -1,0 +1,553 @@
+"""The batching engine's policy: which requests get a sequence, what each step evaluates,
+and what the results mean. Shaped as vLLM v1's scheduler: ``schedule()`` returns a plain
+``StepPlan``, the model runner (``runner.py``) carries it out on llama.cpp, and
+``update_from_output()`` applies what it reports. Nothing here calls llama.cpp, so the whole
+policy is tested with a fake vocabulary and hand-made outputs.
+
+Each step is one ``llama_decode`` over:
+
+1. the next token of every sequence that is answering, then
+2. a chunk of the prompt of each sequence being admitted, shortest rest first (a follow-up
+   question of a few tokens is not read behind another user's pasted document).
+
+While anyone else is waiting on the engine (an answer streaming, another prompt to read),
+a step may cost at most ``step_bound_s``, predicted by ``StepCostModel`` from its tokens and
+their positions: a long prompt's chunks shrink as it advances into the context, and the
+others' next tokens never wait for more than one bounded step. A prompt alone on the engine
+takes the whole batch.
+
+The KV cache, per sequence:
+
+- A sequence that has answered stays resident, idle: the conversation's next turn
+  continues there, with nothing copied (the live tier).
+- A new request takes the longest prefix it may use from any resident sequence: its own
+  conversation's in place, or another's public prefix (system prompt, documents, few-shot
+  examples) shared by reference with ``seq_cp``. The public prefix is computed once, at
+  start-up, into a pinned sequence that is never evicted.
+- The tiered store (``chatbot.kvcache``) then loads a saved state if one serves more: it is
+  read from its tier on the cache's I/O thread while the request waits (RESTORING) and the
+  other sequences keep stepping, then copied in at the start of a step.
+- After each answer the sequence's state is copied out at the start of the next step and
+  saved on the I/O thread; the sequence is not evicted until that save is done. When every
+  sequence is taken, the least recently used idle one is evicted.
+
+Requests wait in a FIFO queue for a sequence; the engine bounds that queue. A failure while
+admitting one request fails that request alone; a failed ``llama_decode`` fails the requests
+in its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import replace
+from typing import Protocol
+
+from chatbot.engines.base import Finished, FinishReason, TokenDelta
+from chatbot.engines.batching.cost import StepCostModel, StepShape
+from chatbot.engines.batching.plan import Admission, Chunk, Load, Save, StepOutput, StepPlan
+from chatbot.engines.batching.requests import AnswerText, Phase, Progress, Request, Slot
+from chatbot.kvcache import KVCache, PromptKey, Reuse
+from chatbot.kvcache.keys import shareable_prefix
+from chatbot.models.cache import CacheTier
+from chatbot.models.domain import BatchStats, Timing, Usage
+from chatbot.models.errors import EngineFailure, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+PINNED_SEQUENCES = 4
+"""Sequences beyond ``sequences`` that hold public prefixes computed at start-up."""
+
+MIN_CHUNK = 16
+"""The fewest prompt tokens a bounded step gives the first prompt in line, so that a long
+prompt moves on even where the bound leaves it nothing (a deep position, a slow machine)."""
+
+STEP_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+"""Upper bounds, in seconds, of the step-time histogram."""
+
+# An empty plan (everyone waiting on a read from disk, or on a save to finish) waits this
+# long for a wake-up before it looks again.
+_IDLE_WAIT_S = 0.05
+
+
+class Vocabulary(Protocol):
+    def piece(self, token: int) -> bytes: ...
+
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+
+class Scheduler:
+    """``submit``, ``withdraw``, ``wake``, ``stop``, ``counts`` and ``stats`` may be called
+    from any thread; the rest runs on the engine's worker thread."""
+
+    def __init__(
+        self,
+        vocabulary: Vocabulary,
+        *,
+        sequences: int,
+        sequence_tokens: int,
+        pool_tokens: int,
+        batch_tokens: int,
+        kv_cache: KVCache | None,
+        cost: StepCostModel,
+        step_bound_s: float,
+    ) -> None:
+        """``sequence_tokens``: the most one sequence holds, prompt and answer. The KV pool
+        of ``pool_tokens`` cells is shared: a request is admitted once the pool has room for
+        all it may hold, so that no answer ever finds the pool full."""
+        if pool_tokens < sequence_tokens:
+            raise ValueError(
+                f"a KV pool of {pool_tokens} tokens cannot hold one sequence of {sequence_tokens}"
+            )
+        self._vocabulary = vocabulary
+        self._sequence_tokens = sequence_tokens
+        self._pool_tokens = pool_tokens
+        self._batch_tokens = batch_tokens
+        self._kv_cache = kv_cache
+        self.cost = cost
+        self.step_bound_s = step_bound_s
+        self._slots = [Slot(i) for i in range(sequences)]
+        self._pins = [Slot(sequences + i, pinned=True) for i in range(PINNED_SEQUENCES)]
+        self._by_seq = {slot.seq_id: slot for slot in (*self._slots, *self._pins)}
+        self._waiting: deque[Request] = deque()
+        self._running: list[Progress] = []  # in admission order
+        self._pending = StepPlan()  # what the last update left for the next step to carry out
+        self._lock = threading.Condition()
+        self._woken = False
+        self._stopping = False
+        self._stopped = False
+        self._stats = BatchStats(
+            running=0,
+            waiting=0,
+            steps=0,
+            batch_tokens=0,
+            decode_tokens=0,
+            step_bound_seconds=step_bound_s,
+            step_seconds_buckets=(0,) * (len(STEP_BUCKETS) + 1),
+        )
+
+    # -- any thread ---------------------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        with self._lock:
+            if self._stopping:
+                raise ServiceUnavailable("the server is shutting down")
+            self._waiting.append(request)
+            self._wake()
+
+    def withdraw(self, request: Request) -> bool:
+        """Take back a request still waiting for a sequence; False once it has one."""
+        with self._lock:
+            if request in self._waiting:
+                self._waiting.remove(request)
+                return True
+            return False
+
+    def wake(self) -> None:
+        """Something changed (a request cancelled, a read or a save done): plan again now."""
+        with self._lock:
+            self._wake()
+
+    def stop(self) -> list[Request]:
+        """Ask the loop to end after this step; returns the requests that never started."""
+        with self._lock:
+            self._stopping = True
+            never_started = list(self._waiting)
+            self._waiting.clear()
+            self._wake()
+            return never_started
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) requests; a public prefix being computed is not one."""
+        with self._lock:
+            return self._answering(), len(self._waiting)
+
+    def stats(self) -> BatchStats:
+        with self._lock:
+            return replace(self._stats, running=self._answering(), waiting=len(self._waiting))
+
+    def resident_sequences(self) -> int:
+        return len(self._resident())
+
+    def _wake(self) -> None:
+        self._woken = True
+        self._lock.notify()
+
+    def _answering(self) -> int:
+        return sum(1 for p in self._running if not p.request.pin)
+
+    # -- the worker thread: plan --------------------------------------------------------------
+
+    def next_plan(self) -> StepPlan | None:
+        """The next step's plan, once there is something to do; None once stopped."""
+        while True:
+            with self._lock:
+                while not (self._stopping or self._waiting or self._running or self._woken):
+                    self._lock.wait()
+                self._woken = False
+                if self._stopped:
+                    return None
+                stopping = self._stopping
+            if stopping:
+                self._stopped = True
+                return self._last_plan()
+            plan = self.schedule()
+            if not plan.is_empty():
+                return plan
+            with self._lock:
+                if not self._woken:
+                    self._lock.wait(_IDLE_WAIT_S)
+
+    def schedule(self) -> StepPlan:
+        plan, self._pending = self._pending, StepPlan()
+        for progress in [p for p in self._running if p.request.cancelled.is_set()]:
+            self._release(progress, plan, save=True)
+        self._load_fetched(plan)
+        self._admit(plan)
+        self._batch(plan)
+        return plan
+
+    def _last_plan(self) -> StepPlan:
+        """Shutting down: every running request ends, its sequence saved."""
+        plan, self._pending = self._pending, StepPlan()
+        for progress in list(self._running):
+            progress.request.emit(ServiceUnavailable("the server is shutting down"))
+            self._release(progress, plan, save=True)
+        return plan
+
+    def _admit(self, plan: StepPlan) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+            slot = self._choose_slot(request)
+            max_new = self._max_new(request)
+            evicted = self._make_room(request, max_new, slot) if slot is not None else None
+            if slot is None or evicted is None:
+                return
+            with self._lock:
+                self._waiting.popleft()
+            for victim in evicted:
+                self._evict(victim, plan)
+            try:
+                self._start(request, slot, max_new, plan)
+            except Exception as exc:
+                logger.exception("admitting a request failed")
+                self._fail_admission(request, slot, exc)
+
+    def _max_new(self, request: Request) -> int:
+        if request.pin:
+            return 0
+        return min(request.sampling.max_tokens, self._sequence_tokens - len(request.key.tokens))
+
+    def _choose_slot(self, request: Request) -> Slot | None:
+        """The sequence ``request`` runs on: the idle one holding most of its prompt for its
+        owner (its conversation, continued in place), else an empty one, else the least
+        recently used one that may be evicted."""
+        key = request.key
+        if request.pin:
+            return next((s for s in self._pins if s.progress is None and not s.tokens), None)
+        idle = [s for s in self._slots if s.progress is None]
+        if self._kv_cache is not None:
+            own = [s for s in idle if s.tokens and s.owner == key.owner]
+            best = max(own, key=lambda s: shareable_prefix(s.key, key), default=None)
+            if best is not None and shareable_prefix(best.key, key) > key.public_tokens:
+                return best
+        free = [s for s in idle if not s.tokens or s.evictable]
+        return min(free, key=lambda s: (bool(s.tokens), s.used_at), default=None)
+
+    def _make_room(self, request: Request, max_new: int, slot: Slot) -> list[Slot] | None:
+        """The idle sequences to evict, least recently used first, so that the pool can hold
+        all that ``request`` may write into ``slot``; None if it cannot be done now. Cells
+        shared with a pinned preamble are counted once, other shared cells once per
+        sequence: the estimate errs on the safe side, but for a saved state loaded into
+        cells of its own, for which a full pool evicts at the step."""
+        key = request.key
+        limit = len(key.tokens) - 1
+        pinned = max((min(shareable_prefix(p.key, key), limit) for p in self._pins), default=0)
+        need = len(key.tokens) + max_new - pinned
+        idle = sorted(
+            (s for s in self._slots if s.progress is None and s.tokens and s is not slot),
+            key=lambda s: (not s.evictable, s.used_at),
+        )
+        running = sum(p.reserved for p in self._running)
+        held = sum(len(s.tokens) - s.borrowed for s in (*self._pins, *idle))
+        evicted: list[Slot] = []
+        for victim in idle:
+            if running + held + need <= self._pool_tokens or not victim.evictable:
+                break
+            held -= len(victim.tokens) - victim.borrowed
+            evicted.append(victim)
+        return evicted if running + held + need <= self._pool_tokens else None
+
+    def _evict(self, slot: Slot, plan: StepPlan) -> None:
+        plan.evictions.append(slot.seq_id)
+        slot.tokens = array("i")
+        slot.borrowed = 0
+
+    def _start(self, request: Request, slot: Slot, max_new: int, plan: StepPlan) -> None:
+        """Give ``request`` its sequence, holding as much of its prompt as any tier can."""
+        key = request.key
+        progress = Progress(
+            request, slot, max_new, admitted_at=time.perf_counter(), text=AnswerText(request.stops)
+        )
+        keep, source = self._resident_prefix(slot, key) if self._kv_cache else (0, None)
+        plan.admissions.append(Admission(progress, keep, source.seq_id if source else None))
+        if source is not None:
+            slot.borrowed = keep if source.pinned else min(source.borrowed, keep)
+        else:
+            slot.borrowed = min(slot.borrowed, keep)
+        slot.tokens = array("i", key.tokens[:keep])
+        slot.owner, slot.public_tokens = key.owner, key.public_tokens
+        slot.progress = progress
+        progress.reuse = Reuse(keep, CacheTier.LIVE if keep else None)
+        with self._lock:
+            self._running.append(progress)
+        if self._kv_cache is None or request.pin:
+            return
+        restore = self._kv_cache.find(key, keep)
+        if restore is None:
+            self._kv_cache.count(key, progress.reuse)
+            return
+        progress.phase = Phase.RESTORING
+        progress.restore = restore
+        progress.fetched = self._kv_cache.fetch(restore)
+        progress.fetched.add_done_callback(lambda _: self.wake())
+
+    def _resident_prefix(self, slot: Slot, key: PromptKey) -> tuple[int, Slot | None]:
+        """The longest prefix of ``key`` that a resident sequence holds and ``key``'s owner
+        may use: ``slot``'s own, kept in place (no source), or another's, to share. At least
+        one prompt token is left to evaluate."""
+        limit = len(key.tokens) - 1
+        held = {s: min(shareable_prefix(s.key, key), limit) for s in self._resident()}
+        in_place = held.get(slot, 0)
+        source = max(held, key=held.__getitem__, default=None)
+        if source is None or source is slot or held[source] <= in_place:
+            return in_place, None
+        return held[source], source
+
+    def _load_fetched(self, plan: StepPlan) -> None:
+        """Requests whose saved state has been read: copy it in this step."""
+        for progress in self._running:
+            if progress.phase is not Phase.RESTORING or progress.fetched is None:
+                continue
+            if not progress.fetched.done():
+                continue
+            assert progress.restore is not None
+            payload = progress.fetched.result() if progress.fetched.exception() is None else None
+            progress.phase = Phase.PREFILL
+            if payload is None:  # gone since it was found: the live prefix it is
+                self._count(progress)
+                continue
+            plan.loads.append(Load(progress, progress.restore, payload))
+            progress.slot.tokens = array(
+                "i", progress.request.key.tokens[: progress.restore.tokens]
+            )
+            progress.slot.borrowed = 0  # a saved state is loaded into cells of its own
+            progress.reuse = Reuse(progress.restore.tokens, progress.restore.tier)
+
+    def _batch(self, plan: StepPlan) -> None:
+        """Answer tokens first, then prompt chunks, shortest rest first, within the batch's
+        tokens and, while anyone else waits on the engine, within the step's time bound."""
+        shape = StepShape()
+        tokens_left = self._batch_tokens
+        for progress in self._running:
+            if progress.phase is Phase.DECODE:
+                start = len(progress.slot.tokens)
+                plan.chunks.append(Chunk(progress, start, (progress.next_token,), True))
+                shape.add(start, 1)
+                tokens_left -= 1
+        plan.decode_tokens = len(plan.chunks)
+        prefilling = sorted(
+            (p for p in self._running if p.phase is Phase.PREFILL), key=lambda p: p.prompt_left
+        )
+        bounded = plan.decode_tokens > 0 or len(prefilling) > 1
+        for progress in prefilling:
+            if tokens_left <= 0:
+                break
+            start = len(progress.slot.tokens)
+            n = min(progress.prompt_left, tokens_left)
+            if bounded:
+                fits = self.cost.max_chunk(shape, start, self.step_bound_s)
+                first = len(plan.chunks) == plan.decode_tokens
+                n = min(n, max(fits, MIN_CHUNK if first else 0))
+                if n <= 0:
+                    break
+            tokens = progress.request.key.tokens[start : start + n]
+            ends = start + n == len(progress.request.key.tokens)
+            plan.chunks.append(Chunk(progress, start, tokens, ends and not progress.request.pin))
+            shape.add(start, n)
+            tokens_left -= n
+        plan.shape = shape
+        plan.predicted_s = self.cost.predict(shape)
+
+    # -- the worker thread: apply ------------------------------------------------------------
+
+    def update_from_output(self, plan: StepPlan, output: StepOutput) -> None:
+        for seq_id, saving in output.saving.items():
+            self._by_seq[seq_id].saving = saving
+            saving.add_done_callback(lambda _: self.wake())
+        for progress, reuse in output.diverged.items():
+            progress.slot.tokens = array("i", progress.request.key.tokens[: reuse.tokens])
+            progress.slot.borrowed = min(progress.slot.borrowed, reuse.tokens)
+            progress.reuse = reuse
+        for load in plan.loads:
+            if load.progress not in output.failed:
+                self._count(load.progress)
+        for progress, exc in output.failed.items():
+            logger.error("admitting a request failed: %s", exc)
+            self._fail([progress])
+        evaluated = [
+            c
+            for c in plan.chunks
+            if c.progress not in output.failed and c.progress not in output.diverged
+        ]
+        if output.decode_error is not None:
+            logger.error("llama_decode failed: %s", output.decode_error)
+            self._fail([c.progress for c in evaluated])
+            return
+        if output.pool_full:
+            self._make_room_after_full_pool([c.progress for c in evaluated])
+            return
+        if evaluated:
+            self._record_step(plan, output.elapsed_s)
+        for chunk in evaluated:
+            slot = chunk.progress.slot
+            slot.tokens.extend(chunk.tokens)
+            if chunk.progress.request.pin and len(slot.tokens) == len(
+                chunk.progress.request.key.tokens
+            ):
+                self._finish(chunk.progress, "stop")
+        for progress, token in output.sampled.items():
+            if progress in self._running:
+                self._sampled(progress, token)
+
+    def _record_step(self, plan: StepPlan, elapsed_s: float) -> None:
+        self.cost.observe(plan.shape, elapsed_s)
+        bucket = next(
+            (i for i, le in enumerate(STEP_BUCKETS) if elapsed_s <= le), len(STEP_BUCKETS)
+        )
+        with self._lock:
+            s = self._stats
+            buckets = list(s.step_seconds_buckets)
+            buckets[bucket] += 1
+            self._stats = replace(
+                s,
+                steps=s.steps + 1,
+                batch_tokens=s.batch_tokens + plan.shape.tokens,
+                decode_tokens=s.decode_tokens + plan.decode_tokens,
+                step_seconds=s.step_seconds + elapsed_s,
+                predicted_step_seconds=s.predicted_step_seconds + plan.predicted_s,
+                step_seconds_buckets=tuple(buckets),
+            )
+
+    def _make_room_after_full_pool(self, progresses: list[Progress]) -> None:
+        """A saved state loaded into cells of its own took more of the pool than admission
+        counted: evict an idle sequence and let the next step try the same batch again."""
+        idle = sorted((s for s in self._slots if s.tokens and s.evictable), key=lambda s: s.used_at)
+        if not idle:
+            self._fail(progresses)
+            return
+        logger.warning("the KV pool is full: evicting an idle sequence")
+        self._evict(idle[0], self._pending)
+
+    def _sampled(self, progress: Progress, token: int) -> None:
+        if progress.first_sample_at is None:
+            progress.first_sample_at = time.perf_counter()
+        progress.phase = Phase.DECODE
+        if self._vocabulary.is_end_of_generation(token):
+            self._finish(progress, "stop")
+            return
+        progress.completion.append(token)
+        text = progress.text.feed(self._vocabulary.piece(token))
+        if text:
+            progress.request.emit(TokenDelta(text))
+        if progress.text.stopped:
+            self._finish(progress, "stop")
+        elif len(progress.completion) >= progress.max_new:
+            self._finish(progress, "length")
+        else:
+            progress.next_token = token
+
+    def _finish(self, progress: Progress, reason: FinishReason) -> None:
+        request = progress.request
+        tail = progress.text.flush()
+        if tail:
+            request.emit(TokenDelta(tail))
+        ended = time.perf_counter()
+        prefill_end = progress.first_sample_at or ended
+        timing = Timing(
+            queue_ms=_ms(progress.admitted_at - request.submitted_at),
+            prefill_ms=_ms(prefill_end - progress.admitted_at),
+            ttft_ms=_ms((progress.text.first_text_at or ended) - request.submitted_at),
+            total_ms=_ms(ended - request.submitted_at),
+        )
+        usage = Usage(
+            prompt_tokens=len(request.key.tokens),
+            cached_tokens=progress.reuse.tokens,
+            completion_tokens=len(progress.completion),
+            cache_tier=progress.reuse.tier,
+        )
+        request.emit(Finished(usage=usage, timing=timing, finish_reason=reason))
+        self._release(progress, self._pending, save=True)
+
+    def _release(self, progress: Progress, plan: StepPlan, *, save: bool) -> None:
+        """End the request's stream and leave its sequence resident and idle, its state to
+        be saved at the start of ``plan``'s step."""
+        with self._lock:
+            self._running.remove(progress)
+        progress.request.emit(None)
+        plan.released.append(progress)
+        slot = progress.slot
+        slot.progress = None
+        slot.used_at = self._stats.steps
+        key = progress.request.key
+        if (
+            save
+            and self._kv_cache is not None
+            and not progress.request.pin
+            and progress.phase is not Phase.RESTORING
+            and self._kv_cache.worth_saving(len(slot.tokens))
+        ):
+            held = PromptKey(
+                array("i", slot.tokens), min(key.public_tokens, len(slot.tokens)), key.owner
+            )
+            plan.saves.append(Save(slot.seq_id, held))
+            slot.saving = Future()  # until the runner hands over the real one
+
+    def _fail(self, progresses: Sequence[Progress]) -> None:
+        """The context failed under these requests: their sequences' contents are unknown."""
+        for progress in progresses:
+            if progress not in self._running:
+                continue
+            progress.request.emit(EngineFailure("the model failed while generating"))
+            self._release(progress, self._pending, save=False)
+            self._evict(progress.slot, self._pending)
+
+    def _fail_admission(self, request: Request, slot: Slot, exc: BaseException) -> None:
+        request.emit(EngineFailure("the model failed while generating"))
+        request.emit(None)
+        progress = slot.progress
+        if progress is not None and progress.request is request:
+            with self._lock:
+                self._running.remove(progress)
+            self._pending.released.append(progress)
+            slot.progress = None
+        self._evict(slot, self._pending)
+
+    def _count(self, progress: Progress) -> None:
+        if self._kv_cache is not None:
+            self._kv_cache.count(progress.request.key, progress.reuse)
+
+    def _resident(self) -> list[Slot]:
+        return [slot for slot in (*self._slots, *self._pins) if slot.tokens]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
