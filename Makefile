@@ -68,8 +68,8 @@ chromium:  ## Chromium and its driver, for the chat page's browser tests
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
 
 test: model vllm postgresql chromium web  ## lint, then every test (vLLM + LMCache included)
-	cd backend && ../$(BIN)/ruff check src tests benchmarks
-	cd backend && ../$(BIN)/ruff format --check src tests benchmarks
+	cd backend && ../$(BIN)/ruff check src tests benchmarks testbed
+	cd backend && ../$(BIN)/ruff format --check src tests benchmarks testbed
 	cd backend && ../$(BIN)/mypy
 	cd backend && ../$(BIN)/pytest
 
@@ -86,10 +86,10 @@ screenshots: model chromium web  ## the browser tests, saving the page's screens
 	cd backend && CHATBOT_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots ../$(BIN)/pytest tests/e2e
 
 lint: $(STAMP)
-	cd backend && ../$(BIN)/ruff check src tests benchmarks && ../$(BIN)/ruff format --check src tests benchmarks && ../$(BIN)/mypy
+	cd backend && ../$(BIN)/ruff check src tests benchmarks testbed && ../$(BIN)/ruff format --check src tests benchmarks testbed && ../$(BIN)/mypy
 
 format: $(STAMP)
-	cd backend && ../$(BIN)/ruff check --fix src tests benchmarks && ../$(BIN)/ruff format src tests benchmarks
+	cd backend && ../$(BIN)/ruff check --fix src tests benchmarks testbed && ../$(BIN)/ruff format src tests benchmarks testbed
 
 BENCH ?= all
 bench: model  ## the benchmarks (BENCH=all, or one: multi-round, load, ...); results in backend/benchmarks/results/

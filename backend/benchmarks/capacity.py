@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Annotated, Any
+
+import typer
 
 from chatbot.engines.simulated import GpuModel
 
@@ -187,3 +189,50 @@ def describe(workload: Workload, result: Plan, gpu: GpuModel | None = None) -> l
         + f" -> {result.replicas} replicas ({result.binding} binds); with no cache: "
         f"{result.replicas_without_cache}.",
     ]
+
+
+def command(
+    users: Annotated[int, typer.Option(help="Users of the service.")],
+    messages_per_minute: Annotated[
+        float, typer.Option(help="Messages each user sends a minute (at the busy hour).")
+    ],
+    context_tokens: Annotated[
+        int, typer.Option(help="Prompt tokens of a request: system prompt, documents, history.")
+    ],
+    hit_rate: Annotated[float, typer.Option(help="Share of prompt tokens found in the cache.")],
+    answer_tokens: Annotated[int, typer.Option(help="Tokens of an answer.")] = 200,
+    tokens_per_s: Annotated[
+        float | None, typer.Option(help="Decode rate each stream must get; default 40.")
+    ] = None,
+    cpu_share: Annotated[
+        float, typer.Option(help="Share of cached tokens copied in from LMCache's CPU RAM.")
+    ] = 0.5,
+    utilisation: Annotated[
+        float, typer.Option(help="Share of a replica's time that may be busy.")
+    ] = 0.8,
+) -> None:
+    """How many vLLM + LMCache replicas (Llama-3.1-8B bf16, one H100 each) a workload
+    needs, from the simulated engine's timing model: prefill (38/138/614 ms at 1k/4k/16k
+    tokens), KV copies from CPU RAM (54 GB/s, 128 KiB a token), memory-bound decode (3.35
+    TB/s at 70 %), ~50 GiB of KV and 256 sequences a replica.
+
+    Assumes: requests spread evenly; every request carries the whole context; the hit rate
+    holds as replicas are added (session affinity); prefill and decode share a replica's
+    time up to --utilisation; a running sequence keeps its prompt and answer's KV on the
+    GPU; the API tier and network are not counted. Replicas = the largest of what compute,
+    KV memory and the sequence limit need (see benchmarks/capacity.py)."""
+    try:
+        workload = Workload(
+            users=users,
+            messages_per_minute=messages_per_minute,
+            context_tokens=context_tokens,
+            hit_rate=hit_rate,
+            answer_tokens=answer_tokens,
+            tokens_per_s=tokens_per_s,
+            cpu_share=cpu_share,
+            utilisation=utilisation,
+        )
+        result = plan(workload)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo("\n".join(describe(workload, result)))

@@ -1,4 +1,5 @@
-"""Users chatting at the same time: the chatbot's embedded engine against llama-server.
+"""The ``concurrent`` benchmark's workloads: users chatting at the same time (or taking
+turns), against the chatbot's embedded engine or llama-server.
 
 Each of U users has their own conversation: a note of about 300 tokens with a question in
 round 1, then short follow-ups, with a think time of 1 to 3 s between an answer and the
@@ -24,9 +25,9 @@ from typing import Any
 
 import httpx
 import llama_cpp
+from testbed.servers import Target
 
 from benchmarks.client import Reply, chat
-from benchmarks.servers import Target
 from benchmarks.workloads import SYSTEM_PROMPT, Row, question, user_document
 from chatbot.engines import chat_format
 from chatbot.engines.llama_context import PENALTY_LAST_N, REPEAT_PENALTY
@@ -59,15 +60,19 @@ class Prompts:
         )
         return tokens
 
-    def _tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=False, special=False)
+    def count(self, text: str) -> int:
+        """Tokens of ``text`` as a message's words."""
+        return len(self._tokenize(text))
+
+    def _tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=False, special=special)
         return tokens
 
 
 Ask = Callable[[httpx.Client, int, list[ChatMessage], int], Reply]
 
 
-def _turn(user: int, round_: int) -> str:
+def turn(user: int, round_: int) -> str:
     """What ``user`` says in round ``round_``: the first round also carries their note."""
     content = question(user, round_)
     return f"{note(user)}\n\n{content}" if round_ == 1 else content
@@ -96,6 +101,7 @@ def llama_server_asker(prompts: Prompts) -> Ask:
         sent = time.perf_counter()
         first: float | None = None
         parts: list[str] = []
+        arrivals: list[float] = []
         final: dict[str, Any] = {}
         with client.stream("POST", "/completion", json=body) as response:
             if response.status_code != 200:
@@ -104,10 +110,12 @@ def llama_server_asker(prompts: Prompts) -> Ask:
                 chunk = json.loads(event.data)
                 text = chunk.get("content") or ""
                 parts.append(text)
+                if text:
+                    arrivals.append(time.perf_counter())
                 # The chatbot streams no leading whitespace: the first token counts once
                 # there is text.
                 if first is None and "".join(parts).strip():
-                    first = time.perf_counter()
+                    first = arrivals[-1]
                 if chunk.get("stop"):
                     final = chunk
         ended = time.perf_counter()
@@ -121,6 +129,8 @@ def llama_server_asker(prompts: Prompts) -> Ask:
             prompt_tokens=prompt_n + cached,
             cached_tokens=cached,
             completion_tokens=int(final.get("tokens_predicted", timings.get("predicted_n", 0))),
+            sent_at=sent,
+            arrivals=tuple(arrivals),
         )
 
     return ask
@@ -137,7 +147,7 @@ def take_turns(
     with httpx.Client(base_url=target.url, timeout=600) as http:
         for r in range(1, rounds + 1):
             for user, messages in enumerate(conversations):
-                messages.append(ChatMessage(role="user", content=_turn(user, r)))
+                messages.append(ChatMessage(role="user", content=turn(user, r)))
                 reply = ask(http, user, messages, answer_tokens)
                 messages.append(ChatMessage(role="assistant", content=reply.text))
                 turns.append(Row.of(user, r, reply))
@@ -160,7 +170,7 @@ def play(
             with httpx.Client(base_url=target.url, timeout=600) as http:
                 start.wait()
                 for r in range(1, rounds + 1):
-                    messages.append(ChatMessage(role="user", content=_turn(user, r)))
+                    messages.append(ChatMessage(role="user", content=turn(user, r)))
                     reply = ask(http, user, messages, answer_tokens)
                     messages.append(ChatMessage(role="assistant", content=reply.text))
                     with lock:

@@ -20,6 +20,10 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int | None  # None: the server does not report it
     completion_tokens: int
+    sent_at: float = 0.0
+    """``time.perf_counter()`` when the request was sent."""
+    arrivals: tuple[float, ...] = ()
+    """``time.perf_counter()`` when each piece of text arrived."""
 
 
 def chat(
@@ -41,6 +45,7 @@ def chat(
     sent = time.perf_counter()
     first: float | None = None
     parts: list[str] = []
+    arrivals: list[float] = []
     usage: dict[str, object] = {}
     headers = {"Authorization": f"Bearer {key}"}
     with client.stream("POST", "/chat/completions", json=body, headers=headers) as response:
@@ -53,7 +58,8 @@ def chat(
             for choice in chunk.get("choices") or []:
                 text = (choice.get("delta") or {}).get("content") or ""
                 if text:
-                    first = first or time.perf_counter()
+                    arrivals.append(time.perf_counter())
+                    first = first or arrivals[-1]
                     parts.append(text)
             usage = chunk.get("usage") or usage
     ended = time.perf_counter()
@@ -66,4 +72,6 @@ def chat(
         prompt_tokens=int(str(usage.get("prompt_tokens", 0))),
         cached_tokens=None if cached is None else int(cached),
         completion_tokens=int(str(usage.get("completion_tokens", 0))),
+        sent_at=sent,
+        arrivals=tuple(arrivals),
     )

@@ -43,6 +43,40 @@ def cached_share(rows: Iterable[dict[str, Any]]) -> float | None:
     return round(sum(r["cached_tokens"] for r in rows) / prompt, 4) if prompt else None
 
 
+def follow_ups(row: dict[str, Any]) -> bool:
+    return bool(row["round"] >= 2)
+
+
+ROUNDS_HEADER = [
+    "server",
+    "round 1 TTFT p50 (ms)",
+    "rounds ≥ 2 TTFT p50 (ms)",
+    "rounds ≥ 2 TTFT p95 (ms)",
+    "cached share, rounds ≥ 2",
+]
+
+
+def rounds(run: Run) -> dict[str, Any]:
+    """TTFT of the first round and of the follow-ups, and the follow-ups' cached share."""
+    rows = run["rows"]
+    return {
+        "round 1": ttft_summary(r for r in rows if r["round"] == 1),
+        "rounds >= 2": ttft_summary(r for r in rows if follow_ups(r)),
+        "cached share, rounds >= 2": cached_share(r for r in rows if follow_ups(r)),
+    }
+
+
+def rounds_row(name: str, summary: dict[str, Any]) -> list[object]:
+    """``rounds``' summary as a row under ``ROUNDS_HEADER``."""
+    return [
+        name,
+        summary["round 1"].get("p50_ms"),
+        summary["rounds >= 2"].get("p50_ms"),
+        summary["rounds >= 2"].get("p95_ms"),
+        pct(summary["cached share, rounds >= 2"]),
+    ]
+
+
 def reduction(new: float, old: float) -> float:
     return round(1 - new / old, 4) if old else 0.0
 

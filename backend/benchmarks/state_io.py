@@ -1,6 +1,7 @@
-"""Moving KV state in and out of a llama.cpp context: our sequence-state path against what
-llama-cpp-python's own caches store (``Llama.save_state``/``load_state``, kept whole by
-``LlamaRAMCache`` and pickled by ``LlamaDiskCache``)."""
+"""``python -m benchmarks state-io``: moving KV state in and out of a llama.cpp context, our
+sequence-state path against what llama-cpp-python's own caches store
+(``Llama.save_state``/``load_state``, kept whole by ``LlamaRAMCache`` and pickled by
+``LlamaDiskCache``)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import llama_cpp
+import typer
 from llama_cpp.llama_cache import LlamaDiskCache, LlamaRAMCache
 
+from benchmarks import report
+from benchmarks.runner import MIB, header, model_path, write
 from chatbot.engines.llama_context import BatchItem, LlamaContext
 from chatbot.kvcache.tiers import DiskTier, EntryMeta
 
@@ -89,3 +93,50 @@ def measure(model_path: Path, lengths: list[int]) -> list[dict[str, Any]]:
     ours.close()
     llm.close()
     return rows
+
+
+def command(
+    lengths: Annotated[str, typer.Option(help="Comma-separated token counts.")] = "200,1000,2000",
+) -> dict[str, Any]:
+    """Saving and loading KV state: our sequence-state path vs llama-cpp-python's caches."""
+    settings = {"lengths": lengths}
+    result, lines = header(
+        "KV state in and out of the context",
+        settings,
+        "Median of 3 (a LlamaDiskCache read pops its entry, so its read and every write "
+        "are timed once).",
+    )
+    rows = measure(model_path(), [int(n) for n in lengths.split(",")])
+    result["rows"] = rows
+    lines += report.table(
+        [
+            "tokens",
+            "ours: bytes",
+            "ours: save / load (ms)",
+            "ours: disk write / read (ms)",
+            "save_state: bytes (counted by LlamaRAMCache)",
+            "save_state / load_state (ms)",
+            "LlamaDiskCache write / read (ms)",
+        ],
+        [
+            [
+                r["tokens"],
+                f"{r['ours_bytes'] / MIB:.1f} MiB",
+                f"{r['ours_save_ms']} / {r['ours_load_ms']}",
+                f"{r['ours_disk_put_ms']} / {r['ours_disk_get_ms']}",
+                f"{r['llama_state_bytes'] / MIB:.1f} MiB "
+                f"({r['llama_state_counted_bytes'] / MIB:.1f})",
+                f"{r['save_state_ms']} / {r['load_state_ms']}",
+                f"{r['disk_cache_put_ms']} / {r['disk_cache_get_ms']}",
+            ]
+            for r in rows
+        ],
+    )
+    lines += [
+        "",
+        "`save_state` copies the whole context state plus the logits buffer (Gemma's 262k "
+        "vocabulary); `LlamaRAMCache` counts only the state against its budget. Ours is the "
+        "one sequence's KV state (`llama_state_seq_get_data`), nothing else.",
+    ]
+    write("state_io", result, lines)
+    return result

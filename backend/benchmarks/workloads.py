@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
+from testbed.servers import Target
 
 from benchmarks.client import Reply, chat
-from benchmarks.servers import Target
 
 SYSTEM_PROMPT = " ".join(
     [

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import llama_cpp
 
-from benchmarks.servers import MODEL_ID, Target
-from chatbot.client.local_server import ServerProcess, free_port
+from chatbot.client.local_server import free_port
+from testbed.servers import MODEL_ID, Target, peer_server
 
 
 def binary_path(cache_dir: Path) -> Path:
@@ -136,18 +136,13 @@ def llama_server(
         *extra,
     ]
     url = f"http://127.0.0.1:{port}"
-    with ServerProcess(command, ready_url=f"{url}/health", env=os.environ) as server:
-        yield Target(
-            name=name,
-            url=url,
-            keys=["unused"] * users,
-            sends_system_prompt=True,
-            process=server.popen,
-            is_chatbot=False,
-            notes={
-                "parallel": parallel,
-                "cache_ram_mib": cache_ram_mib or 0,
-                "extra": " ".join(extra),
-                "llama_cpp": f"vendored by llama-cpp-python {llama_cpp.__version__}",
-            },
-        )
+    notes = {
+        "parallel": parallel,
+        "cache_ram_mib": cache_ram_mib or 0,
+        "extra": " ".join(extra),
+        "llama_cpp": f"vendored by llama-cpp-python {llama_cpp.__version__}",
+    }
+    with peer_server(
+        name, command, url=url, ready_url=f"{url}/health", users=users, notes=notes
+    ) as target:
+        yield target

@@ -1,13 +1,12 @@
-"""The servers a benchmark compares, each started as its own process on loopback: the
-chatbot (cache off, live context only, tiered) and llama-cpp-python's OpenAI-compatible
-server (with and without its ``LlamaRAMCache``), on the same GGUF."""
+"""A running server as the tests' and benchmarks' clients see it (``Target``), and the peer
+model servers they start as processes on loopback: llama-cpp-python's OpenAI-compatible
+server here, llama.cpp's own in ``llama_server``."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ from typing import Any
 
 import httpx
 
-from chatbot.client.local_server import ServerProcess, free_port
+from chatbot.client.local_server import free_port
+from testbed.process import ServerProcess
 
 MODEL_ID = "bench-model"
 
@@ -55,61 +55,27 @@ class Target:
 
 
 @contextmanager
-def chatbot(
+def peer_server(
     name: str,
+    command: list[str],
     *,
+    url: str,
+    ready_url: str,
     users: int,
-    system_prompt: str,
-    max_tokens: int,
-    cache: str,
-    ram_bytes: int = 2 * 1024**3,
-    disk_bytes: int = 8 * 1024**3,
-    context_tokens: int = 8192,
-    env: dict[str, str] | None = None,
+    notes: dict[str, Any],
 ) -> Iterator[Target]:
-    """``cache``: "off" (every prompt recomputed), "live" (the live context only, as before
-    the KV store existed) or "tiered" (live, RAM, disk). ``env``: more ``CHATBOT_*``
-    settings."""
-    port = free_port()
-    keys = [f"bench-user-{u:04d}-key-0123456789" for u in range(users)]
-    with tempfile.TemporaryDirectory(prefix="bench-kv-") as kv_dir:
-        settings = {
-            **os.environ,
-            "CHATBOT_HOST": "127.0.0.1",
-            "CHATBOT_PORT": str(port),
-            "CHATBOT_API_KEYS": ",".join(f"{k}=user{u}" for u, k in enumerate(keys)),
-            # The first key reads the whole cache's counters on /v1/cache/stats.
-            "CHATBOT_OPERATORS": "user0",
-            "CHATBOT_MODEL_ID": MODEL_ID,
-            "CHATBOT_SYSTEM_PROMPT": system_prompt,
-            "CHATBOT_CONTEXT_TOKENS": str(context_tokens),
-            "CHATBOT_MAX_TOKENS": str(max_tokens),
-            "CHATBOT_TEMPERATURE": "0",
-            "CHATBOT_MAX_STREAMS_PER_USER": "4",
-            "CHATBOT_LOG_LEVEL": "warning",
-            "CHATBOT_PREFIX_CACHE": "false" if cache == "off" else "true",
-            "CHATBOT_KV_RAM_BYTES": str(ram_bytes if cache == "tiered" else 0),
-            "CHATBOT_KV_DISK_BYTES": str(disk_bytes if cache == "tiered" else 0),
-            "CHATBOT_KV_DIR": kv_dir,
-            **(env or {}),
-        }
-        command = [sys.executable, "-m", "chatbot", "serve"]
-        url = f"http://127.0.0.1:{port}"
-        with ServerProcess(command, ready_url=f"{url}/readyz", env=settings) as server:
-            yield Target(
-                name=name,
-                url=f"{url}/v1",
-                keys=keys,
-                sends_system_prompt=False,
-                process=server.popen,
-                is_chatbot=True,
-                notes={
-                    "cache": cache,
-                    "ram_bytes": ram_bytes,
-                    "disk_bytes": disk_bytes,
-                    **(env or {}),
-                },
-            )
+    """``command``, a model server the client sends whole prompts to, as a ``Target`` at
+    ``url``: started on entry once ``ready_url`` answers, stopped on exit."""
+    with ServerProcess(command, ready_url=ready_url, env=os.environ) as server:
+        yield Target(
+            name=name,
+            url=url,
+            keys=["unused"] * users,
+            sends_system_prompt=True,
+            process=server.popen,
+            is_chatbot=False,
+            notes=notes,
+        )
 
 
 @contextmanager
@@ -154,33 +120,11 @@ def llama_cpp_server(
     if chat_format:
         command += ["--chat_format", chat_format]
     url = f"http://127.0.0.1:{port}/v1"
-    with ServerProcess(command, ready_url=f"{url}/models", env=os.environ) as server:
-        yield Target(
-            name=name,
-            url=url,
-            keys=["unused"] * users,
-            sends_system_prompt=True,
-            process=server.popen,
-            is_chatbot=False,
-            notes={
-                "cache": "LlamaRAMCache" if cache else "live context only",
-                "chat_format": chat_format or "llama-2",
-            },
-        )
-
-
-@contextmanager
-def model_server(
-    name: str, *, users: int, base_url: str, api_key: str | None, model: str
-) -> Iterator[Target]:
-    """An OpenAI-compatible server that is already running (vLLM with LMCache, say)."""
-    yield Target(
-        model=model,
-        name=name,
-        url=base_url.rstrip("/"),
-        keys=[api_key or "unused"] * users,
-        sends_system_prompt=True,
-        process=None,
-        is_chatbot=False,
-        notes={"base_url": base_url},
-    )
+    notes = {
+        "cache": "LlamaRAMCache" if cache else "live context only",
+        "chat_format": chat_format or "llama-2",
+    }
+    with peer_server(
+        name, command, url=url, ready_url=f"{url}/models", users=users, notes=notes
+    ) as target:
+        yield target

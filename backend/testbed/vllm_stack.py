@@ -3,7 +3,7 @@ server, vLLM (its CPU build) with LMCache's ``LMCacheMPConnector``, and vLLM's r
 
 They run from the model-server virtual environment that ``make vllm`` builds (``.venv-vllm``
 at the repository root), on the bundled model converted to a bf16 Hugging Face folder by
-``deploy/vllm/convert_gguf.py``. The integration tests and the ``vllm`` benchmark start them
+``deploy/vllm/convert_gguf.py``. The production tests and the ``vllm`` benchmark start them
 through this module; every process is started in a session of its own, so that stopping it
 also stops what it forked (vLLM's engine core and worker).
 
@@ -25,7 +25,8 @@ from typing import Self
 
 import httpx
 
-from chatbot.client.local_server import ServerProcess, free_port
+from chatbot.client.local_server import free_port
+from testbed.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
@@ -140,15 +141,46 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 @dataclass
-class LMCacheServer:
+class Service:
+    """What every server of the stack shares: a port on loopback, and one process started
+    from a command (``start`` in each) that ``stop`` and ``kill`` end."""
+
+    port: int = field(default_factory=free_port, kw_only=True)
+    process: Process | None = field(default=None, kw_only=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _launch(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        log: Path,
+        ready_url: str,
+        ready_timeout: float = 300.0,
+    ) -> None:
+        self.process = Process(name, command, env, log, ready_url, ready_timeout)
+        self.process.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+
+
+@dataclass
+class LMCacheServer(Service):
     """``lmcache server``: L1 in RAM and an ``fs`` L2 on disk, which outlives the process."""
 
     l2_dir: Path
     log_dir: Path
     l1_gib: float = 1.0
-    port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
-    process: Process | None = None
 
     @property
     def metrics_url(self) -> str:
@@ -178,22 +210,14 @@ class LMCacheServer:
             "--http-port",
             str(self.http_port),
         ]
-        self.process = Process(
-            "lmcache server",
-            command,
-            _environment(),
-            self.log_dir / "lmcache-server.log",
-            self.metrics_url,
-            ready_timeout=120,
-        )
-        self.process.start()
+        log = self.log_dir / "lmcache-server.log"
+        self._launch("lmcache server", command, _environment(), log, self.metrics_url, 120)
 
     def metrics(self) -> str:
         return httpx.get(self.metrics_url, timeout=10).text
 
     def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
+        super().stop()
         clean_shared_memory()
 
 
@@ -235,7 +259,7 @@ def remove_orphan_segments(*, since: float) -> None:
 
 
 @dataclass
-class VllmServer:
+class VllmServer(Service):
     """vLLM's OpenAI server on the converted model, storing to and loading from ``cache``
     (None: vLLM alone, its own prefix cache only)."""
 
@@ -252,12 +276,6 @@ class VllmServer:
     # conversations are evicted from vLLM, which is what LMCache then serves back. Gemma 3's
     # KV groups share the pool: about 110 blocks hold one 2,048-token prompt.
     kv_blocks: int | None = None
-    port: int = field(default_factory=free_port)
-    process: Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         command = [
@@ -304,14 +322,8 @@ class VllmServer:
             # Gemma 3's sliding-window and global layers are separate KV groups, which only
             # the server-driven transfer mode accepts.
             env["LMCACHE_MP_TRANSFER_MODE"] = "lmcache_driven"
-        self.process = Process(
-            self.name,
-            command,
-            env,
-            self.log_dir / f"{self.name}.log",
-            f"{self.url}/v1/models",
-        )
-        self.process.start()
+        log = self.log_dir / f"{self.name}.log"
+        self._launch(self.name, command, env, log, f"{self.url}/v1/models")
 
     def restart(self) -> None:
         self.stop()
@@ -320,30 +332,16 @@ class VllmServer:
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=10).text
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-
 
 @dataclass
-class Router:
+class Router(Service):
     """``vllm-router --policy consistent_hash`` in front of vLLM replicas: it hashes the
     first of ``X-Session-ID``, ``X-User-ID``, ... that a request carries onto the healthy
     workers, so the chatbot's affinity header must be ``x-session-id``."""
 
     workers: list[str]
     log_dir: Path
-    port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
-    process: Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         command = [
@@ -367,12 +365,7 @@ class Router:
             str(self.metrics_port),
         ]
         log = self.log_dir / "router.log"
-        self.process = Process("vllm-router", command, _environment(), log, f"{self.url}/health")
-        self.process.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
+        self._launch("vllm-router", command, _environment(), log, f"{self.url}/health")
 
 
 @contextmanager

@@ -12,8 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from testbed.process import ServerProcess
 
-from chatbot.client.local_server import ServerProcess, free_port
+from chatbot.client.local_server import free_port
 from tests.conftest import ALICE_KEY, BOB_KEY
 
 

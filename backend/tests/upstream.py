@@ -14,10 +14,10 @@ from typing import Any
 
 import httpx
 import openai
-from benchmarks.servers import MODEL_ID, Target, llama_cpp_server
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import StreamingResponse
 from openai.types import CompletionUsage
+from testbed.servers import MODEL_ID, Target, llama_cpp_server
 
 from tests.conftest import ALICE_KEY, serve_in_thread
 from tests.sse import parse_events
@@ -27,7 +27,7 @@ UPSTREAM_MODEL = MODEL_ID
 
 @contextmanager
 def llama_server(model_path: Path, *, context_tokens: int) -> Iterator[Target]:
-    """The benchmarks' own launcher; ``Target.url`` is its OpenAI base URL."""
+    """The test bed's launcher; ``Target.url`` is its OpenAI base URL."""
     with llama_cpp_server(
         "llama_cpp.server",
         users=1,

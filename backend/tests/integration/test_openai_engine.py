@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from benchmarks.servers import Target
+from testbed.servers import Target
 
 from chatbot.engines.openai import affinity_key
 from tests.conftest import ALICE_KEY, BOB_KEY, LiveServer, Servers

@@ -3,7 +3,9 @@ a few dozen users for a few seconds, and the report it makes."""
 
 from __future__ import annotations
 
-from benchmarks.load import LAG_BUCKET_MS, LoadSettings, report_lines, run
+from benchmarks.load import run
+from benchmarks.load_client import LAG_BUCKET_MS, LoadSettings
+from benchmarks.load_report import report_lines
 
 
 def test_a_short_load_run_reports_every_figure_and_no_errors() -> None:

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from benchmarks import vllm_stack
-from benchmarks.vllm_stack import LMCacheServer, VllmServer
+from testbed import vllm_stack
+from testbed.vllm_stack import LMCacheServer, VllmServer
 
 from tests.conftest import Servers
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from benchmarks.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
+from testbed.vllm_stack import CHUNK_TOKENS, SERVED_MODEL, metric
 
 from tests.conftest import Servers
 from tests.production.chat import INVENTED_TURN, LONG_ANSWER, NOTES, client, turn

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from benchmarks.vllm_stack import CHUNK_TOKENS, LMCacheServer, Router, VllmServer, metric
+from testbed.vllm_stack import CHUNK_TOKENS, LMCacheServer, Router, VllmServer, metric
 
 from tests.conftest import Servers
 from tests.production.chat import NOTES, client, turn

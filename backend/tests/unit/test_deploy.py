@@ -126,9 +126,9 @@ def test_vllm_runs_lmcache_connector_with_prefix_caching(services: dict[str, Any
 def test_vllm_runs_with_the_environment_the_tests_start_it_with(
     services: dict[str, Any], helm: dict[str, Any]
 ) -> None:
-    """What tests/production/ proved on vLLM's CPU build (benchmarks/vllm_stack.py): a fixed
+    """What tests/production/ proved on vLLM's CPU build (testbed/vllm_stack.py): a fixed
     hash seed, room for the chatbot's stop strings, no usage reports."""
-    from benchmarks.vllm_stack import MAX_STOP_STRINGS, QUIET
+    from testbed.vllm_stack import MAX_STOP_STRINGS, QUIET
 
     from chatbot.engines.chat_format import STOPS
 
