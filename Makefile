@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat backend/pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
-.PHONY: run test test-fast screenshots lint format bench openapi model postgresql chromium web clean vllm
+.PHONY: run test test-fast screenshots lint format bench openapi model postgresql chromium prometheus docker-compose web clean vllm
 
 $(STAMP): backend/pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
@@ -67,15 +67,30 @@ chromium:  ## Chromium and its driver, for the chat page's browser tests
 		$$SUDO apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
 
-test: model vllm postgresql chromium web  ## lint, then every test (vLLM + LMCache included)
+# The dashboard tests run a real Prometheus (Debian 12's is 2.42) with the shipped scrapes and
+# alerting rules; promtool, from the same package, checks and unit-tests them.
+prometheus:  ## Prometheus and promtool, for the tests of deploy/'s scrapes, dashboard and alerts
+	@{ [ -x /usr/bin/prometheus ] && [ -x /usr/bin/promtool ]; } || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends prometheus; }
+
+# `docker-compose config` resolves and validates deploy/docker-compose.yml without a daemon.
+docker-compose:  ## Debian's docker-compose, for the test that validates deploy/docker-compose.yml
+	@[ -x /usr/bin/docker-compose ] || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends docker-compose; }
+
+test: model vllm postgresql chromium prometheus docker-compose web  ## lint, then every test (vLLM + LMCache included)
 	cd backend && ../$(BIN)/ruff check src tests benchmarks testbed
 	cd backend && ../$(BIN)/ruff format --check src tests benchmarks testbed
 	cd backend && ../$(BIN)/mypy
 	cd backend && ../$(BIN)/pytest
 
-# The fast tier: no model, no database server, no browser, no vLLM (pyproject's markers;
-# tests/conftest.py applies them). Under a minute on two cores.
-FAST := not model and not postgres and not browser and not vllm
+# The fast tier: no model, no database server, no browser, no vLLM, no Prometheus
+# (pyproject's markers; tests/conftest.py applies them). Under a minute on two cores.
+FAST := not model and not postgres and not browser and not vllm and not prometheus
 
 test-fast: $(STAMP)  ## the tests that need no model, database server, browser or vLLM
 	cd backend && ../$(BIN)/pytest -m "$(FAST)"

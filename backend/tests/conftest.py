@@ -3,12 +3,14 @@ the test tiers.
 
 Tiers, marked here by what a test needs (see ``pytest_collection_modifyitems``): ``model``
 (the real llama.cpp model), ``postgres`` (a PostgreSQL server of the session's own),
-``browser`` (tests/e2e: Chromium), ``vllm`` (tests/production: vLLM and LMCache). What has
-none of them is the fast tier: ``make test-fast``."""
+``browser`` (tests/e2e: Chromium), ``vllm`` (tests/production: vLLM and LMCache),
+``prometheus`` (Debian's prometheus, promtool or docker-compose). What has none of them is the
+fast tier: ``make test-fast``."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -35,12 +37,15 @@ DAVE_KEY = "dave-key-0123456789abcdef0"  # used by one test only: a user with no
 TESTS = Path(__file__).resolve().parent
 TIER_BY_FOLDER = {"e2e": "browser", "production": "vllm"}
 """Every test in these folders needs what the marker names."""
+TOOL_FIXTURES = frozenset({"prometheus_binary", "promtool", "docker_compose"})
+"""A test using one of these fixtures runs a tool ``make prometheus docker-compose`` installs."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Marks each test with the tiers it needs: ``browser`` and ``vllm`` by its folder,
     ``model`` when it uses the real model (its fixtures reach ``model_path``), ``postgres``
-    when it starts PostgreSQL (``postgres_url``, or the ``postgresql`` store)."""
+    when it starts PostgreSQL (``postgres_url``, or the ``postgresql`` store), ``prometheus``
+    when it runs one of the ``TOOL_FIXTURES``."""
     for item in items:
         folder = item.path.relative_to(TESTS).parts[0] if item.path.is_relative_to(TESTS) else ""
         if folder in TIER_BY_FOLDER:
@@ -52,6 +57,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         store = callspec.params.get("store_url") if callspec is not None else None
         if "postgres_url" in names or store == "postgresql":
             item.add_marker("postgres")
+        if TOOL_FIXTURES & set(names):
+            item.add_marker("prometheus")
 
 
 @pytest.fixture
@@ -218,6 +225,32 @@ def postgres_url() -> Iterator[str]:
 
     with postgres_server() as url:
         yield url
+
+
+def debian_tool(name: str, make_target: str) -> str:
+    """The path of a tool the tests run; missing, an error naming the target installing it."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} is not installed: run `make {make_target}`")
+    return found
+
+
+@pytest.fixture(scope="session")
+def prometheus_binary() -> str:
+    """Debian's Prometheus (``make prometheus``)."""
+    return debian_tool("prometheus", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus' checker, from the same Debian package."""
+    return debian_tool("promtool", "prometheus")
+
+
+@pytest.fixture(scope="session")
+def docker_compose() -> str:
+    """Debian's ``docker-compose`` (``make docker-compose``): ``config`` needs no daemon."""
+    return debian_tool("docker-compose", "docker-compose")
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -83,6 +84,9 @@ LMCACHE_FAMILIES: dict[str, str] = {
     "lmcache:num_remote_write_bytes": "counter",
     "lmcache:local_cache_usage": "gauge",
     "lmcache:remote_cache_usage": "gauge",
+    # Its health monitor pings the remote tier (lmcache/v1/health_monitor).
+    "lmcache:remote_ping_errors": "counter",
+    "lmcache:remote_ping_successes": "counter",
 }
 
 # LMCache 0.5.6, lmcache/v1/config.py (_CONFIG_DEFINITIONS): the keys deploy/lmcache.yaml may
@@ -284,24 +288,57 @@ def promql_metric_names(expr: str) -> set[str]:
     return names
 
 
-_LABEL_VALUES = re.compile(r"^\s*label_values\((?P<selector>.*),\s*(?P<label>\w+)\s*\)\s*$")
+LABEL_VALUES = re.compile(r"^\s*label_values\((?P<selector>.*),\s*(?P<label>\w+)\s*\)\s*$")
+"""A Grafana variable query listing a label's values among the series a selector matches."""
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One target of one panel: its PromQL, legend and the panel's unit."""
+
+    panel: str
+    ref_id: str
+    expr: str
+    legend: str
+    unit: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.panel, self.ref_id)
+
+
+def dashboard_queries(dashboard: Mapping[str, Any]) -> list[PanelQuery]:
+    """Every target of every panel with an expression, rows' panels included."""
+    queries: list[PanelQuery] = []
+
+    def walk(panels: Iterable[Mapping[str, Any]]) -> None:
+        for panel in panels:
+            unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+            queries.extend(
+                PanelQuery(
+                    panel["title"],
+                    target["refId"],
+                    target["expr"],
+                    target.get("legendFormat", ""),
+                    unit,
+                )
+                for target in panel.get("targets", [])
+                if "expr" in target
+            )
+            walk(panel.get("panels", []))
+
+    walk(dashboard.get("panels", []))
+    return queries
 
 
 def dashboard_exprs(dashboard: Mapping[str, Any]) -> list[str]:
     """Every PromQL expression of a dashboard: panel targets (rows included) and the metric
     selectors of ``label_values(...)`` template variables."""
-    exprs: list[str] = []
-
-    def walk(panels: Iterable[Mapping[str, Any]]) -> None:
-        for panel in panels:
-            exprs.extend(target["expr"] for target in panel.get("targets", []) if "expr" in target)
-            walk(panel.get("panels", []))
-
-    walk(dashboard.get("panels", []))
+    exprs = [query.expr for query in dashboard_queries(dashboard)]
     for variable in dashboard.get("templating", {}).get("list", []):
         query = variable.get("query")
         text = query.get("query", "") if isinstance(query, dict) else ""
-        match = _LABEL_VALUES.match(text)
+        match = LABEL_VALUES.match(text)
         if match:
             exprs.append(match["selector"])
     return exprs

@@ -44,3 +44,12 @@ def turn(http: httpx.Client, conversation_id: str, content: str, **options: Any)
     assert not INVENTED_TURN.search(data["content"]), data["content"]
     end: dict[str, Any] = data
     return end
+
+
+def hang_up_at_first_token(http: httpx.Client, conversation_id: str, content: str) -> None:
+    """A streamed turn the client leaves at its first token: the answer ends ``cancelled``."""
+    path = f"/v1/conversations/{conversation_id}/messages"
+    with http.stream("POST", path, json={"content": content}) as response:
+        assert response.status_code == 200, response.read()
+        names = (name for name, _ in parse_events(response.iter_lines()))
+        assert "token" in names  # stops reading at the first token

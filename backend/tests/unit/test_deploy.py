@@ -108,7 +108,8 @@ def test_the_env_example_lists_every_secret_compose_requires() -> None:
     example = (DEPLOY_DIR / ".env.example").read_text().splitlines()
     listed = {line.partition("=")[0] for line in example if line and not line.startswith("#")}
     assert required
-    assert listed == required | optional
+    # Compose's own: the project name a top-level `name:` would give, which Compose v1 lacks.
+    assert listed == required | optional | {"COMPOSE_PROJECT_NAME"}
 
 
 # --- docker compose
@@ -238,6 +239,14 @@ def test_prometheus_scrapes_the_chatbot_and_vllm(services: dict[str, Any]) -> No
     assert {target.split(":")[0] for target in targets} <= set(services)
     mounts = services["prometheus"]["volumes"]
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    # Relative paths in prometheus.yml are read beside it: the rules are mounted there, the
+    # token file is written into the tmpfs there.
+    for rule_file in config["rule_files"]:
+        assert f"./{rule_file}:/etc/prometheus/{rule_file}:ro" in mounts
+    (chatbot_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "chatbot"]
+    token_file = Path("/etc/prometheus", chatbot_job["authorization"]["credentials_file"])
+    assert str(token_file.parent) in services["prometheus"]["tmpfs"]
+    assert str(token_file) in " ".join(services["prometheus"]["entrypoint"])
 
 
 def test_grafana_provisioning_points_at_the_dashboard_folder(services: dict[str, Any]) -> None:
