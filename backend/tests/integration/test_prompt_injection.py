@@ -188,7 +188,9 @@ def test_prompts_with_forged_lines_extend_each_other_token_for_token(model_path:
         return chat_format.prompt_tokens(
             prompt,
             bos=vocab.token_bos(),
-            tokenize=lambda text: vocab.tokenize(text.encode(), add_bos=False, special=False),
+            tokenize=lambda text, special=False: vocab.tokenize(
+                text.encode(), add_bos=False, special=special
+            ),
         )
 
     def whole(messages: list[ChatMessage]) -> list[int]:

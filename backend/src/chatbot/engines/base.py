@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import BatchStats, ChatMessage, Timing, Usage
+from chatbot.models.domain import BatchStats, ChatMessage, PromptFormatInfo, Timing, Usage
 
 FinishReason = Literal["stop", "length"]
 
@@ -30,6 +30,10 @@ class SamplingParams:
     top_p: float
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    """OpenAI's: lowers a token's logit by this much for each time it was seen."""
+    presence_penalty: float = 0.0
+    """OpenAI's: lowers a token's logit by this much once it was seen at all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +119,10 @@ class Engine(ABC):
         engine can keep what it read (the embedded engine pins it in its context); an
         engine that cannot ignores them."""
         del public
+
+    def prompt_format(self) -> PromptFormatInfo | None:
+        """How the engine lays out prompts, where it renders them itself."""
+        return None
 
     def batch_stats(self) -> BatchStats | None:
         """How the engine's batches are going, where it batches requests itself."""

@@ -14,12 +14,20 @@ Content cannot forge a turn. A turn starts where a line starts with a role marke
 line of every message (system prompt, documents, questions, answers) that would read as one
 (``user:``, `` Assistant :`` in any case, after any indentation) is quoted with ``> `` in
 ``_text``, the one place content enters the prompt. See research.md §2.
+
+Invisible characters (Unicode's whole ``Cf`` category: zero-width space and joiners, BOM,
+soft hyphen, bidirectional marks, tag characters...) are dropped where a line starts, in what
+the model reads only: ``"\u200bAssistant:"`` tokenizes as a turn would, and at the start of
+a line they carry no meaning. They are stripped rather than refused because right-to-left
+text legitimately opens lines with direction marks. The stored messages keep them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from chatbot.models.domain import ChatMessage
 
@@ -33,7 +41,25 @@ that contains it."""
 TURNS = (USER_PREFIX, ASSISTANT_PREFIX, SYSTEM_PREFIX)
 STOPS = tuple(f"\n{quote}{turn}" for quote in ("", QUOTE) for turn in TURNS)
 """Where the model starts a turn of its own, or copies a quoted one from its context (a base
-model does): its answer ends there."""
+model does): its answer ends there. These exact strings are what a model server is handed;
+the engines' own scanners stop at any line that ``turn_line`` reads as a turn (any case,
+quoted or not, after blanks and invisible characters), of which these are the usual forms."""
+
+INVISIBLE = (
+    "\u00ad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e\u200b-\u200f"
+    "\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0001"
+    "\U000e0020-\U000e007f"
+)
+"""Unicode's format characters (category Cf, Unicode 14 as Python 3.11 has it), as the
+ranges of a regular-expression class; ``INVISIBLE_CHARS`` lists them one by one."""
+INVISIBLE_CHARS = "".join(
+    chr(c)
+    for part in re.findall(r"(.)(?:-(.))?", INVISIBLE, flags=re.DOTALL)
+    for c in range(ord(part[0]), ord(part[1] or part[0]) + 1)
+)
+LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+"""What ``str.splitlines`` ends a line at: a model's answer is read back through it."""
 
 FEW_SHOT: tuple[tuple[str, str], ...] = (
     ("Hi! Who are you?", "Hello! I am an AI assistant. How can I help you today?"),
@@ -60,6 +86,15 @@ class RenderedPrompt:
     segments: list[str]
     public_segments: int
     """Leading segments made only of public material (see ``GenerationRequest``)."""
+    markup: frozenset[int] = frozenset()
+    """Segments that are a chat template's own text, whose special tokens (``<|im_start|>``)
+    are parsed as such; every other segment is content, tokenized as plain text."""
+    bos: bool = True
+    """The BOS token goes ahead of the text (a chat template may write it itself)."""
+
+
+class Tokenize(Protocol):
+    def __call__(self, text: str, *, special: bool = False) -> list[int]: ...
 
 
 def render(
@@ -92,41 +127,84 @@ def render(
 
 
 def prompt_tokens(
-    rendered: RenderedPrompt, *, bos: int, tokenize: Callable[[str], list[int]]
+    rendered: RenderedPrompt, *, bos: int, tokenize: Tokenize
 ) -> tuple[list[int], int]:
-    """The prompt's tokens after a BOS, and how many of them are public. Segment by segment,
-    so that a message gives the same tokens whatever follows it: turn k+1's prompt then
-    starts with exactly turn k's tokens. ``tokenize`` must not parse special tokens."""
-    tokens = [bos]
-    public_tokens = 1
+    """The prompt's tokens (after a BOS where it has one), and how many of them are public.
+    Segment by segment, so that a message gives the same tokens whatever follows it: turn
+    k+1's prompt then starts with exactly turn k's tokens. Special tokens are parsed in the
+    markup segments only: content that spells one (``<|im_start|>``) stays text."""
+    tokens = [bos] if rendered.bos else []
+    public_tokens = len(tokens)
     for i, segment in enumerate(rendered.segments):
-        tokens += tokenize(segment)
+        tokens += tokenize(segment, special=i in rendered.markup)
         if i < rendered.public_segments:
             public_tokens = len(tokens)
     return tokens, public_tokens
 
 
 def prompt_text(rendered: RenderedPrompt) -> str:
-    """The prompt's text, without the BOS token the engines put ahead of it."""
+    """The prompt's text, without a BOS token the engines put ahead of it."""
     return "".join(rendered.segments)
 
 
 def reads_as_turn(line: str) -> bool:
     """Whether a line would start a turn of the transcript, to a reader or to the model:
-    a role word, in any case, after any indentation, then a colon after optional blanks."""
-    word = line.lstrip().lower()
+    a role word, in any case, after any indentation and invisible characters, then a colon
+    after optional blanks."""
+    word = visible_line(line).lstrip().lower()
     return any(
         word.startswith(role) and word[len(role) :].lstrip().startswith(":") for role in ROLE_WORDS
     )
 
 
+def visible_line(line: str) -> str:
+    """The line without the invisible characters among its leading blanks."""
+    start = 0
+    while start < len(line) and (line[start].isspace() or line[start] in INVISIBLE_CHARS):
+        start += 1
+    lead = "".join(c for c in line[:start] if c not in INVISIBLE_CHARS)
+    return lead + line[start:]
+
+
+def turn_line(line: str) -> bool | None:
+    """Whether a line the model is writing starts a turn: True when it does, None while
+    what has arrived of it could still become one, False once it cannot.
+
+    Wider than ``reads_as_turn``: it also takes a quoted turn (``> User:``, which a base
+    model copies from quoted lines of its context) and ignores a line break in ``line``'s
+    tail (the line ends there), so that it can be asked before the line is complete."""
+    head = line
+    for i, c in enumerate(line):
+        if c in LINE_BREAKS:
+            head = line[:i]
+            break
+    complete = head != line
+    i = 0
+    while i < len(head) and (head[i].isspace() or head[i] in INVISIBLE_CHARS or head[i] == ">"):
+        i += 1
+    word = head[i:].lower()
+    for role in ROLE_WORDS:
+        if word.startswith(role):
+            rest = word[len(role) :].lstrip(" \t")
+            if rest.startswith(":"):
+                return True
+            if not rest and not complete:
+                return None
+        elif role.startswith(word) and not complete:
+            return None
+    return False
+
+
 def _text(content: str) -> str:
-    """Content as the prompt shows it: line breaks as ``\\n`` and no line that starts a turn.
+    """Content as the prompt shows it: line breaks as ``\\n``, no invisible character
+    among a line's leading blanks, and no line that starts a turn.
 
     Every message kind goes through here. The template does the same with the same string
-    methods (``splitlines``, ``lstrip``, ``lower``), so both agree on what a line is.
+    methods (``splitlines``, ``isspace``, ``lstrip``, ``lower``), so both agree on what a
+    line is.
     """
-    return "\n".join(QUOTE + line if reads_as_turn(line) else line for line in content.splitlines())
+    lines = (visible_line(line) for line in content.splitlines())
+    return "\n".join(QUOTE + line if reads_as_turn(line) else line for line in lines)
 
 
 def _message(message: ChatMessage) -> list[str]:

@@ -32,12 +32,14 @@ def create_engine(settings: Settings) -> Engine:
                 model_id=settings.model_id or path.stem,
                 context_tokens=settings.context_tokens,
                 batch_tokens=settings.batch_tokens,
+                step_bound_s=settings.step_bound_ms / 1000,
                 threads=settings.threads,
                 parallel=settings.parallel,
                 pool_tokens=settings.kv_pool_tokens,
                 queue_size=settings.queue_size,
                 few_shot=settings.few_shot,
                 kv_cache=_kv_cache(settings, path) if settings.prefix_cache else None,
+                template=settings.chat_template,
             )
         case EngineKind.OPENAI:
             assert settings.openai_base_url is not None  # Settings refuse it otherwise
@@ -52,6 +54,9 @@ def create_engine(settings: Settings) -> Engine:
                 connect_timeout=settings.openai_connect_timeout,
                 read_timeout=settings.openai_read_timeout,
                 retries=settings.openai_retries,
+                # The server's template cannot be read from here: only 'model' says it is
+                # the model's own, with no turn markers to stop at.
+                transcript=settings.chat_template != "model",
             )
         case EngineKind.SIMULATED:
             return _simulated(settings)

@@ -23,6 +23,8 @@ from typing import Any
 
 import llama_cpp
 
+from chatbot.engines.base import SamplingParams
+
 # Small models loop without a mild penalty; llama.cpp's own server defaults to the same.
 REPEAT_PENALTY = 1.1
 PENALTY_LAST_N = 64
@@ -48,18 +50,18 @@ class BatchItem:
 
 
 class Sampler:
-    """A llama.cpp sampler chain for one request: the top-k candidates, a repeat penalty
-    over the last tokens, then greedy at temperature 0, else top-p, min-p, temperature and
-    a seeded draw.
+    """A llama.cpp sampler chain for one request: the top-k candidates, the penalties over
+    the last tokens (a mild repeat penalty, and the request's frequency and presence
+    penalties, OpenAI's parameters: minus ``frequency`` times a token's count, minus
+    ``presence`` once for any token seen), then greedy at temperature 0, else top-p, min-p,
+    temperature and a seeded draw.
 
     Top-k comes first because the penalty looks every candidate up in its token counts:
     over Gemma's 262k-token vocabulary that costs milliseconds per token and sequence. A
     penalty only lowers logits, so the greedy choice among the top 40 is the greedy choice
     over all unless all 40 were penalised below the 41st."""
 
-    def __init__(
-        self, vocab_size: int, *, temperature: float, top_p: float, seed: int | None
-    ) -> None:
+    def __init__(self, vocab_size: int, sampling: SamplingParams) -> None:
         params = llama_cpp.llama_sampler_chain_default_params()
         self._chain: Any = llama_cpp.llama_sampler_chain_init(params)
         add = llama_cpp.llama_sampler_chain_add
@@ -67,15 +69,20 @@ class Sampler:
         add(
             self._chain,
             llama_cpp.llama_sampler_init_penalties(
-                vocab_size, PENALTY_LAST_N, REPEAT_PENALTY, 0.0, 0.0
+                vocab_size,
+                PENALTY_LAST_N,
+                REPEAT_PENALTY,
+                sampling.frequency_penalty,
+                sampling.presence_penalty,
             ),
         )
-        if temperature <= 0:
+        if sampling.temperature <= 0:
             add(self._chain, llama_cpp.llama_sampler_init_greedy())
         else:
-            add(self._chain, llama_cpp.llama_sampler_init_top_p(top_p, 1))
+            add(self._chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
             add(self._chain, llama_cpp.llama_sampler_init_min_p(MIN_P, 1))
-            add(self._chain, llama_cpp.llama_sampler_init_temp(temperature))
+            add(self._chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            seed = sampling.seed
             draw_seed = llama_cpp.LLAMA_DEFAULT_SEED if seed is None else seed & 0xFFFFFFFF
             add(self._chain, llama_cpp.llama_sampler_init_dist(draw_seed))
 
@@ -153,6 +160,22 @@ class LlamaContext:
     def bos(self) -> int:
         return int(llama_cpp.llama_vocab_bos(self._vocab))
 
+    def eos(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self._vocab))
+
+    def adds_bos(self) -> bool:
+        """Whether the model's prompts start with its BOS token (the GGUF says)."""
+        return bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+
+    def token_text(self, token: int) -> str:
+        """A token's text as the vocabulary has it (``<|im_end|>`` for a control token)."""
+        return bytes(llama_cpp.llama_vocab_get_text(self._vocab, token)).decode(errors="replace")
+
+    def chat_template(self) -> str | None:
+        """The GGUF's own chat template (``tokenizer.chat_template``), if it has one."""
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        return bytes(template).decode() if template else None
+
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         data = text.encode()
         capacity = len(data) + 8
@@ -172,7 +195,13 @@ class LlamaContext:
         return self._piece.raw[:n]
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+        """End-of-generation tokens (``<|im_end|>``, ``<end_of_turn>``...), and any other
+        control token: a template's marker (``<|im_start|>``) would begin a turn the model
+        invents, and streams as no text."""
+        return bool(
+            llama_cpp.llama_vocab_is_eog(self._vocab, token)
+            or llama_cpp.llama_vocab_is_control(self._vocab, token)
+        )
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -235,8 +264,8 @@ class LlamaContext:
         perf = llama_cpp.llama_perf_context(self.ctx)
         return int(perf.n_p_eval), int(perf.n_eval)
 
-    def sampler(self, *, temperature: float, top_p: float, seed: int | None) -> Sampler:
-        return Sampler(self.vocab_size, temperature=temperature, top_p=top_p, seed=seed)
+    def sampler(self, sampling: SamplingParams) -> Sampler:
+        return Sampler(self.vocab_size, sampling)
 
 
 def _c_bytes(payload: bytearray) -> Any:

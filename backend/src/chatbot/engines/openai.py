@@ -30,7 +30,6 @@ from typing import Any
 
 import httpx
 
-from chatbot.engines import chat_format
 from chatbot.engines.base import (
     Engine,
     EngineEvent,
@@ -40,7 +39,7 @@ from chatbot.engines.base import (
     GenerationRequest,
     TokenDelta,
 )
-from chatbot.engines.stops import StopScanner
+from chatbot.engines.stops import TRANSCRIPT_STOPS, Stops, StopScanner, request_stops
 from chatbot.models.domain import Timing, Usage
 from chatbot.models.errors import (
     ChatbotError,
@@ -87,10 +86,14 @@ class OpenAIEngine(Engine):
         retries: int,
         retry_backoff: float = 0.2,
         transport: httpx.AsyncBaseTransport | None = None,
+        transcript: bool = True,
     ) -> None:
         """``model``: the name the server serves; empty: the first it lists. ``model_id``:
         the name our own API shows; empty: the server's. ``context_tokens``: the window
-        used until the server reports its own (vLLM's ``max_model_len``)."""
+        used until the server reports its own (vLLM's ``max_model_len``). ``transcript``:
+        the server renders the transcript (``deploy/vllm/transcript.jinja``), whose turn
+        markers are stops; otherwise it renders the model's own chat template, and the
+        model's end-of-turn token ends its answers."""
         self._base_url = base_url.rstrip("/") + "/"
         self._api_key = api_key
         self._model = model
@@ -107,6 +110,7 @@ class OpenAIEngine(Engine):
         self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout, pool=connect_timeout)
         self._retries = retries
         self._retry_backoff = retry_backoff
+        self._format_stops = TRANSCRIPT_STOPS if transcript else Stops()
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._prober: asyncio.Task[None] | None = None
@@ -154,7 +158,8 @@ class OpenAIEngine(Engine):
     async def submit(self, request: GenerationRequest) -> Generation:
         body = self._body(request)
         headers = {self._affinity_header: affinity_key(request.session)} if request.session else {}
-        generation = _RemoteGeneration(self, body, headers, _stops(request), set(body["stop"]))
+        stops = request_stops(self._format_stops, request.sampling.stop)
+        generation = _RemoteGeneration(self, body, headers, stops, set(body["stop"]))
         await generation.send()
         return generation
 
@@ -226,7 +231,8 @@ class OpenAIEngine(Engine):
         # stops, or the model goes on to write the user's next turn; the caller's own follow.
         # The server gets the first few (vLLM refuses more than VLLM_MAX_STOP_STRINGS, 4 by
         # default, as OpenAI does); every one is also watched for here.
-        body["stop"] = list(_stops(request)[:SERVER_STOPS])
+        stops = request_stops(self._format_stops, request.sampling.stop)
+        body["stop"] = list(stops.strings[:SERVER_STOPS])
         if self._vllm:
             # Otherwise vLLM holds back as many characters as the longest stop string before
             # it streams any (so as never to stream a stop): 150-200 ms more to the first
@@ -234,6 +240,10 @@ class OpenAIEngine(Engine):
             body["include_stop_str_in_output"] = True
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        if sampling.frequency_penalty:
+            body["frequency_penalty"] = sampling.frequency_penalty
+        if sampling.presence_penalty:
+            body["presence_penalty"] = sampling.presence_penalty
         return body
 
     async def _open(self, body: dict[str, Any], headers: dict[str, str]) -> httpx.Response:
@@ -338,7 +348,7 @@ class _RemoteGeneration(Generation):
         engine: OpenAIEngine,
         body: dict[str, Any],
         headers: dict[str, str],
-        stops: tuple[str, ...],
+        stops: Stops,
         server_stops: set[str],
     ) -> None:
         """``stops``: every stop string, watched for here; ``server_stops``: those the
@@ -493,10 +503,6 @@ class _Stream:
                 self.usage = _usage(chunk["usage"])
         if not self._finished:
             raise _StreamBroken("the stream ended before the answer finished")
-
-
-def _stops(request: GenerationRequest) -> tuple[str, ...]:
-    return tuple(dict.fromkeys((*chat_format.STOPS, *request.sampling.stop)))
 
 
 def _chunk_error(error: Any) -> str:

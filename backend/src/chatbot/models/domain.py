@@ -52,6 +52,25 @@ class Timing(BaseModel):
     total_ms: float = Field(ge=0, description="From admission to the last token.")
 
 
+class PromptFormatInfo(BaseModel):
+    """How the embedded engine lays out prompts, and what its start-up check found."""
+
+    name: str = Field(
+        description="`transcript` (the plain User:/Assistant: layout with few-shot examples, "
+        "for a base model), `model` (the GGUF's own chat template) or a template file's name."
+    )
+    prefix_stable: bool = Field(
+        description="Each turn's prompt tokens start with the previous turn's, so the KV "
+        "cache of earlier turns is reused in full (checked at start-up on 2- and 3-turn chats)."
+    )
+    reuse: float = Field(
+        ge=0,
+        le=1,
+        description="The smallest share of a turn's prompt tokens that the next turn's prompt "
+        "starts with, in that check: 1 when prefix-stable.",
+    )
+
+
 class AgentName(StrEnum):
     ASSISTANT = "assistant"  # general conversation
     KNOWLEDGE = "knowledge"  # answers from the documents in the shared prefix
@@ -112,3 +131,12 @@ class BatchStats:
     """Tokens evaluated in all those batches: answer tokens and prompt chunks."""
     decode_tokens: int
     """Answer tokens among them."""
+    step_seconds: float = 0.0
+    """Time those batches took."""
+    predicted_step_seconds: float = 0.0
+    """Time the engine's cost model predicted for them."""
+    step_bound_seconds: float = 0.0
+    """The most a step may cost while anyone else waits on the engine."""
+    step_seconds_buckets: tuple[int, ...] = ()
+    """Steps by time taken: a count per bucket of the engine's step histogram, the last one
+    unbounded."""

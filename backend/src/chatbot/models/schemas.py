@@ -9,7 +9,15 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import AUTO, AgentName, MessageStatus, Role, Timing, Usage
+from chatbot.models.domain import (
+    AUTO,
+    AgentName,
+    MessageStatus,
+    PromptFormatInfo,
+    Role,
+    Timing,
+    Usage,
+)
 
 # Unicode's control characters (category Cc) but tab, line feed and carriage return. The
 # JSON Schema patterns say the same to clients (ECMA-262 and Python read them alike).
@@ -94,6 +102,15 @@ _MAX_TOKENS_DOC = (
     "server's; more: 400 max_tokens_too_large). Default: CHATBOT_MAX_TOKENS."
 )
 
+_FREQUENCY_PENALTY_DOC = (
+    "-2 to 2: lowers each token's logit by this much for every time it appears in the last "
+    "64 tokens (prompt and answer), as llama.cpp's penalty sampler counts. Default 0."
+)
+_PRESENCE_PENALTY_DOC = (
+    "-2 to 2: lowers each token's logit by this much once it appears in the last 64 tokens "
+    "(prompt and answer). Default 0."
+)
+
 MAX_STOP_SEQUENCES = 10
 """A client's stop strings, each watched for in the streamed text (the engines scan for them;
 the openai engine also hands the server the first 4 of its own and the client's, as many as
@@ -150,6 +167,12 @@ class MessageCreate(BaseModel):
     stream: bool = Field(default=True, strict=True)
     max_tokens: PositiveInteger | None = Field(default=None, description=_MAX_TOKENS_DOC)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, strict=True, description=_FREQUENCY_PENALTY_DOC
+    )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, strict=True, description=_PRESENCE_PENALTY_DOC
+    )
 
 
 class MessageOut(BaseModel):
@@ -202,6 +225,7 @@ class StreamOptions(BaseModel):
 
 
 UNSUPPORTED_PARAMETERS = (
+    "best_of",
     "logit_bias",
     "logprobs",
     "top_logprobs",
@@ -223,11 +247,13 @@ def _asks_for_feature(name: str, value: Any) -> bool:
         return bool(value != "none")
     if name == "response_format":
         return bool(value != {"type": "text"})
+    if name == "best_of":
+        return bool(value != 1)  # one candidate is what is generated anyway
     return True
 
 
 class ChatCompletionRequest(BaseModel):
-    # Other unknown knobs (penalties, ...) are accepted and ignored, as most
+    # Other unknown knobs are accepted and ignored, as most
     # OpenAI-compatible servers do, so that existing clients keep working; those in
     # UNSUPPORTED_PARAMETERS are refused when they ask for their feature.
     model_config = ConfigDict(extra="allow")
@@ -246,6 +272,12 @@ class ChatCompletionRequest(BaseModel):
             description=f"Up to {MAX_STOP_SEQUENCES} strings of 1 to 200 characters; the "
             "answer ends before the first of them.",
         )
+    )
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, strict=True, description=_FREQUENCY_PENALTY_DOC
+    )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, strict=True, description=_PRESENCE_PENALTY_DOC
     )
     n: Integer = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
     seed: Integer | None = None
@@ -321,6 +353,11 @@ class ModelCard(BaseModel):
     max_model_len: int = Field(
         description="The model's context window in tokens, prompt and answer together "
         "(as vLLM reports it)."
+    )
+    prompt_format: PromptFormatInfo | None = Field(
+        default=None,
+        description="The embedded engine's prompt layout; null for an engine whose model "
+        "server renders prompts.",
     )
 
 

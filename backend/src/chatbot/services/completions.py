@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from chatbot.agents.layout import Prompt
 from chatbot.config import Settings
-from chatbot.models.domain import ChatMessage
+from chatbot.models.domain import ChatMessage, PromptFormatInfo
 from chatbot.models.errors import InvalidRequest, NotFound
 from chatbot.models.schemas import ChatCompletionRequest
 from chatbot.services.generation import GenerationService, MeteredGeneration
@@ -29,6 +29,10 @@ class CompletionService:
     @property
     def context_tokens(self) -> int:
         return self._generations.context_tokens
+
+    @property
+    def prompt_format(self) -> PromptFormatInfo | None:
+        return self._generations.engine.prompt_format()
 
     async def start(self, user_id: str, request: ChatCompletionRequest) -> MeteredGeneration:
         """Admit the completion or raise (400 unsupported parameter or limits, 404 unknown
@@ -51,6 +55,8 @@ class CompletionService:
             top_p=request.top_p,
             stop=stop,
             seed=request.seed,
+            frequency_penalty=request.frequency_penalty,
+            presence_penalty=request.presence_penalty,
         )
         return await self._generations.start(
             prompt, sampling, user_id=user_id, session=self._session(user_id, prompt.messages)

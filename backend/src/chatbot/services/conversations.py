@@ -249,6 +249,8 @@ class ConversationService:
         *,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
     ) -> Turn:
         """Admit the user's message; raises before the question is stored if it cannot be
         answered now (too large, conversation busy or full, limits, engine full)."""
@@ -258,7 +260,12 @@ class ConversationService:
                 f"{self._settings.max_message_chars}",
                 code="message_too_large",
             )
-        sampling = self._generations.sampling(max_tokens=max_tokens, temperature=temperature)
+        sampling = self._generations.sampling(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )
         await self._wait_for_stopped_turn(user_id, conversation_id)
         conversation = await self._store.claim_turn(user_id, conversation_id)
         try:

@@ -132,6 +132,8 @@ class GenerationService:
         top_p: float | None = None,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
     ) -> SamplingParams:
         limit = self._settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
@@ -145,6 +147,8 @@ class GenerationService:
             top_p=self._settings.top_p if top_p is None else top_p,
             stop=tuple(stop),
             seed=seed,
+            frequency_penalty=frequency_penalty or 0.0,
+            presence_penalty=presence_penalty or 0.0,
         )
 
     @property

@@ -120,6 +120,8 @@ async def send_message(
         body.content,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
     )
     if body.stream:
         return EventStreamResponse(

@@ -44,7 +44,10 @@ _STARTED = int(time.time())
 @router.get("/models", responses=_ERRORS)
 async def list_models(_: CurrentUser, completions: CompletionsDep) -> ModelList:
     card = ModelCard(
-        id=completions.model_id, created=_STARTED, max_model_len=completions.context_tokens
+        id=completions.model_id,
+        created=_STARTED,
+        max_model_len=completions.context_tokens,
+        prompt_format=completions.prompt_format,
     )
     return ModelList(data=[card])
 
