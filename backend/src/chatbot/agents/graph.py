@@ -25,6 +25,7 @@ from langgraph.config import get_config
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.state import CompiledStateGraph
 from langgraph.runtime import Runtime
+from langgraph.types import StreamWriter
 
 from chatbot.agents import layout
 from chatbot.agents.documents import Document, DocumentIndex
@@ -269,13 +270,40 @@ class TurnGraph:
         config: RunnableConfig,
         runtime: Runtime[TurnContext],
     ) -> dict[str, Any]:
-        question = _pending(state)
-        route = _route_of(state)
-        context, write = runtime.context, runtime.stream_writer
+        """The agent's answer to the pending question, streamed as it comes and stored."""
+        question, write = _pending(state), runtime.stream_writer
+        prompt = self._prompt(agent, state, question)
+        generation = await self._admit(agent, state, question, prompt, runtime)
+        if generation is None:
+            return {"pending": None, "compacted": False}
+        streamed = await self._stream(agent, generation, prompt, config, runtime)
+        source = self._cite(agent, question, streamed, write)
+        answer = self._stored(agent, state, question, streamed, source, runtime.context)
+        write(TurnEnded(answer) if streamed.error is None else TurnFailed(streamed.error, answer))
+        return _checkpoint(question, answer, prompt, streamed.finished)
+
+    def _prompt(
+        self, agent: AgentName, state: ConversationState, question: Message
+    ) -> layout.Prompt:
+        """The turn's prompt, counting a prefix break if it does not extend the last one."""
+        messages = state.get("messages", [])
         prompt = layout.turn_prompt(
-            self.preamble, state.get("messages", []), state.get("summary"), agent, question.content
+            self.preamble, messages, state.get("summary"), agent, question.content
         )
         self._check_prefix(state, prompt.messages, agent)
+        return prompt
+
+    async def _admit(
+        self,
+        agent: AgentName,
+        state: ConversationState,
+        question: Message,
+        prompt: layout.Prompt,
+        runtime: Runtime[TurnContext],
+    ) -> Generation | None:
+        """The engine's generation, announced with ``TurnStarted``; None, announced with
+        ``TurnRefused``, if the engine could not take it."""
+        context, write = runtime.context, runtime.stream_writer
         try:
             generation = await self._model.start(
                 prompt,
@@ -286,85 +314,93 @@ class TurnGraph:
             )
         except ChatbotError as exc:
             write(TurnRefused(exc))
-            return {"pending": None, "compacted": False}
+            return None
         write(
             TurnStarted(
                 conversation_id=question.conversation_id,
                 message_id=context.answer_id,
                 agent=agent,
-                route_reason=route.reason,
+                route_reason=_route_of(state).reason,
             )
         )
         context.control.attach(generation)
         if context.control.stopped:
             await generation.aclose()
+        return generation
+
+    async def _stream(
+        self,
+        agent: AgentName,
+        generation: Generation,
+        prompt: layout.Prompt,
+        config: RunnableConfig,
+        runtime: Runtime[TurnContext],
+    ) -> _Streamed:
+        """Each piece of text as a ``TurnDelta``, traced; a failure ends the stream, kept."""
         traced: RunnableConfig = {
             **config,
             "metadata": {**config.get("metadata", {}), "agent": agent.value},
         }
-        parts: list[str] = []
-        finished: Finished | None = None
-        error: ChatbotError | None = None
+        streamed = _Streamed()
         try:
             async for event in report(
                 generation,
                 prompt.messages,
                 traced,
                 model_id=self._model.model_id,
-                sampling=context.sampling,
+                sampling=runtime.context.sampling,
             ):
                 if isinstance(event, TokenDelta):
-                    parts.append(event.text)
-                    write(TurnDelta(event.text))
+                    streamed.parts.append(event.text)
+                    runtime.stream_writer(TurnDelta(event.text))
                 else:
-                    finished = event
+                    streamed.finished = event
         except ChatbotError as exc:
-            error = exc
+            streamed.error = exc
         except Exception:
             logger.exception("the %s agent failed", agent.value)
-            error = EngineFailure("the answer failed")
+            streamed.error = EngineFailure("the answer failed")
         finally:
             await generation.aclose()
-        cited: str | None = None
-        if agent is AgentName.KNOWLEDGE and finished is not None:
-            cited = self._uncited_source(question.content, "".join(parts))
-            if cited is not None:
-                parts.append(layout.source_line(cited))
-                write(TurnDelta(layout.source_line(cited)))
-        status = (
-            MessageStatus.FAILED
-            if error is not None
-            else MessageStatus.COMPLETE
-            if finished is not None
-            else MessageStatus.CANCELLED
-        )
-        answer = Message(
+        return streamed
+
+    def _cite(
+        self, agent: AgentName, question: Message, streamed: _Streamed, write: StreamWriter
+    ) -> str | None:
+        """The document a knowledge answer drew on, added as its source line if the model
+        did not name it."""
+        if agent is not AgentName.KNOWLEDGE or streamed.finished is None:
+            return None
+        cited = self._uncited_source(question.content, streamed.text)
+        if cited is not None:
+            streamed.parts.append(layout.source_line(cited))
+            write(TurnDelta(layout.source_line(cited)))
+        return cited
+
+    def _stored(
+        self,
+        agent: AgentName,
+        state: ConversationState,
+        question: Message,
+        streamed: _Streamed,
+        source: str | None,
+        context: TurnContext,
+    ) -> Message:
+        """The answer as it is stored: complete, cancelled or failed."""
+        finished, error = streamed.finished, streamed.error
+        return Message(
             id=context.answer_id,
             conversation_id=question.conversation_id,
             role="assistant",
-            content="".join(parts),
-            status=status,
+            content=streamed.text,
+            status=streamed.status,
             usage=finished.usage if finished else None,
             timing=finished.timing if finished else None,
             agent=agent,
-            route_reason=route.reason,
-            source=cited,
+            route_reason=_route_of(state).reason,
+            source=source,
             error=error.code if error is not None else None,
         )
-        write(TurnEnded(answer) if error is None else TurnFailed(error=error, message=answer))
-        update: dict[str, Any] = {
-            "messages": [question, answer],
-            "pending": None,
-            "compacted": False,
-        }
-        if layout.kept_messages([question, answer]):
-            # The next turn's prompt must start with this one and its answer.
-            expected = [*prompt.messages, layout.spoken(answer)]
-            update["prefix_digest"] = layout.digest(expected)
-            update["prefix_length"] = len(expected)
-            if finished is not None:
-                update["context_tokens"] = _context_tokens(finished.usage, expected)
-        return update
 
     async def _complete(
         self,
@@ -408,6 +444,42 @@ class TurnGraph:
         )
         self._metrics.prefix_breaks.labels(reason).inc()
         logger.info("prefix break (%s) before a %s turn", reason, agent.value)
+
+
+@dataclass(slots=True)
+class _Streamed:
+    """What a generation streamed: its text so far, and how it ended (``finished`` for a
+    whole answer, ``error`` for a failure, neither for a stopped one)."""
+
+    parts: list[str] = field(default_factory=list)
+    finished: Finished | None = None
+    error: ChatbotError | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    @property
+    def status(self) -> MessageStatus:
+        if self.error is not None:
+            return MessageStatus.FAILED
+        return MessageStatus.COMPLETE if self.finished is not None else MessageStatus.CANCELLED
+
+
+def _checkpoint(
+    question: Message, answer: Message, prompt: layout.Prompt, finished: Finished | None
+) -> dict[str, Any]:
+    """The turn's update of the conversation state: the question and its answer, and what
+    the next turn's prompt must start with."""
+    update: dict[str, Any] = {"messages": [question, answer], "pending": None, "compacted": False}
+    if layout.kept_messages([question, answer]):
+        # The next turn's prompt must start with this one and its answer.
+        expected = [*prompt.messages, layout.spoken(answer)]
+        update["prefix_digest"] = layout.digest(expected)
+        update["prefix_length"] = len(expected)
+        if finished is not None:
+            update["context_tokens"] = _context_tokens(finished.usage, expected)
+    return update
 
 
 def _context_tokens(usage: Usage | None, messages: list[ChatMessage]) -> int:
