@@ -28,7 +28,7 @@ import numpy as np
 _WINDOW = 256
 _REFIT_EVERY = 16
 # How strongly the prior holds, in steps' worth of evidence per coefficient.
-_PRIOR_WEIGHT = 4.0
+_PRIOR_WEIGHT = 0.25
 # No coefficient is fitted below this share of its prior: a fit on a narrow range of shapes
 # could otherwise call a cost free.
 _FLOOR = 0.1

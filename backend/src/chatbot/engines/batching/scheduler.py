@@ -481,12 +481,12 @@ class Scheduler:
         if tail:
             request.emit(TokenDelta(tail))
         ended = time.perf_counter()
-        prefill_end = progress.first_sample_at or ended
-        timing = Timing(
-            queue_ms=_ms(progress.admitted_at - request.submitted_at),
-            prefill_ms=_ms(prefill_end - progress.admitted_at),
-            ttft_ms=_ms((progress.text.first_text_at or ended) - request.submitted_at),
-            total_ms=_ms(ended - request.submitted_at),
+        timing = Timing.measured(
+            submitted=request.submitted_at,
+            admitted=progress.admitted_at,
+            prefilled=progress.first_sample_at or ended,
+            first_token=progress.text.first_text_at or ended,
+            ended=ended,
         )
         usage = Usage(
             prompt_tokens=len(request.key.tokens),
@@ -547,7 +547,3 @@ class Scheduler:
 
     def _resident(self) -> list[Slot]:
         return [slot for slot in (*self._slots, *self._pins) if slot.tokens]
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)

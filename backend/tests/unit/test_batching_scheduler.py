@@ -1,0 +1,482 @@
+"""The batching engine's policy, without a model: the scheduler plans steps, the tests play
+the model runner with hand-made outputs (vLLM's scheduler is tested the same way). A fake
+vocabulary turns token ``t`` into the word ``wt``; token 0 ends a generation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import pytest
+
+from chatbot.engines.base import EngineEvent, Finished, SamplingParams, TokenDelta
+from chatbot.engines.batching.cost import Coefficients, StepCostModel, StepShape
+from chatbot.engines.batching.plan import StepOutput, StepPlan
+from chatbot.engines.batching.requests import Phase, Progress, Request
+from chatbot.engines.batching.scheduler import MIN_CHUNK, Scheduler
+from chatbot.engines.stops import Stops
+from chatbot.kvcache import KVCache, PromptKey, owner_digest
+from chatbot.models.cache import CacheTier
+from chatbot.models.errors import EngineFailure
+
+PUBLIC = list(range(1000, 1016))  # a 16-token public preamble
+ALICE, BOB, CAROL = (owner_digest(u) for u in ("alice", "bob", "carol"))
+EOG = 0
+# 10 ms a step, 1 ms a token, 1 µs a cell: round numbers to reason with.
+COST = Coefficients(per_step_s=0.01, per_token_s=0.001, per_cell_s=1e-6)
+BOUND_S = 0.1
+
+
+class Vocabulary:
+    def piece(self, token: int) -> bytes:
+        return f" w{token}".encode()
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return token == EOG
+
+
+class Client:
+    """One request and everything the engine sent it."""
+
+    def __init__(self, key: PromptKey, max_tokens: int = 4) -> None:
+        self.events: list[EngineEvent | BaseException | None] = []
+        self.request = Request(
+            key=key,
+            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
+            stops=Stops(),
+            emit=self.events.append,
+        )
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TokenDelta))
+
+    @property
+    def ended(self) -> bool:
+        return None in self.events
+
+    @property
+    def finished(self) -> Finished:
+        (done,) = [e for e in self.events if isinstance(e, Finished)]
+        return done
+
+    @property
+    def failed(self) -> bool:
+        return any(isinstance(e, EngineFailure) for e in self.events)
+
+
+def prompt(owner: bytes, *private: int, length: int = 0) -> PromptKey:
+    tokens = [*PUBLIC, *private, *range(2000, 2000 + length)]
+    return PromptKey(tokens, len(PUBLIC), owner)
+
+
+def make(
+    *, sequences: int = 2, pool: int = 4096, batch: int = 256, cache: bool = True
+) -> Scheduler:
+    kv = KVCache(namespace=b"test", chunk_tokens=4, ram_bytes=10**6, min_load_gain=1)
+    return Scheduler(
+        Vocabulary(),
+        sequences=sequences,
+        sequence_tokens=min(2048, pool),
+        pool_tokens=pool,
+        batch_tokens=batch,
+        kv_cache=kv if cache else None,
+        cost=StepCostModel(COST),
+        step_bound_s=BOUND_S,
+    )
+
+
+def done() -> Future[None]:
+    future: Future[None] = Future()
+    future.set_result(None)
+    return future
+
+
+def saved(scheduler: Scheduler, plan: StepPlan) -> dict[int, Future[None]]:
+    """Play the runner's part of the plan's saves: a "state" (as many bytes as tokens) handed
+    to the cache, which saves it on its I/O thread; returns once they are saved."""
+    kv = scheduler._kv_cache
+    if kv is None:
+        return {save.seq_id: done() for save in plan.saves}
+    saving = {s.seq_id: kv.save(s.key, bytearray(len(s.key.tokens))) for s in plan.saves}
+    for future in saving.values():
+        future.result()
+    return saving
+
+
+def step(
+    scheduler: Scheduler, sample: Callable[[Progress], int] = lambda p: 7, **output: object
+) -> StepPlan:
+    """Plan a step and play the runner: every chunk is evaluated, every save is done, and
+    each request that wants a token samples ``sample(progress)``."""
+    plan = scheduler.schedule()
+    result = StepOutput(
+        sampled={c.progress: sample(c.progress) for c in plan.chunks if c.wants_logits},
+        saving=saved(scheduler, plan),
+        elapsed_s=plan.predicted_s,
+    )
+    for name, value in output.items():
+        setattr(result, name, value)
+    scheduler.update_from_output(plan, result)
+    return plan
+
+
+def run_to_end(scheduler: Scheduler, *clients: Client, limit: int = 200) -> None:
+    for _ in range(limit):
+        if all(c.ended for c in clients):
+            return
+        step(scheduler)
+    raise AssertionError("the requests did not end")
+
+
+def next_admitted(scheduler: Scheduler) -> list[Request]:
+    """The requests admitted by the next step that admits any (an idle sequence is free to
+    take once its state has been handed to the cache, a step after its answer ended)."""
+    for _ in range(3):
+        plan = step(scheduler)
+        if plan.admissions:
+            return [a.progress.request for a in plan.admissions]
+    return []
+
+
+def progress_of(scheduler: Scheduler, client: Client) -> Progress:
+    (progress,) = [p for p in scheduler._running if p.request is client.request]
+    return progress
+
+
+def admit(scheduler: Scheduler, client: Client) -> StepPlan:
+    """Submit ``client``'s request and plan (without carrying out) the step that admits it."""
+    scheduler.submit(client.request)
+    for _ in range(3):
+        plan = scheduler.schedule()
+        if any(a.progress.request is client.request for a in plan.admissions):
+            return plan
+        scheduler.update_from_output(plan, StepOutput(saving=saved(scheduler, plan)))
+    raise AssertionError("the request was not admitted")
+
+
+def test_an_answer_streams_and_finishes_with_its_usage() -> None:
+    s, alice = make(), Client(prompt(ALICE, 1, 2, 3))
+    s.submit(alice.request)
+    plan = step(s)
+    (admission,) = plan.admissions
+    assert (admission.keep, admission.source) == (0, None)
+    (chunk,) = plan.chunks
+    assert list(chunk.tokens) == alice.request.key.tokens
+    assert chunk.wants_logits
+    run_to_end(s, alice)
+    assert alice.text == "w7 w7 w7 w7"
+    assert alice.finished.finish_reason == "length"
+    assert alice.finished.usage is not None
+    assert alice.finished.usage.prompt_tokens == len(PUBLIC) + 3
+
+
+def test_end_of_generation_stops_an_answer() -> None:
+    s, alice = make(), Client(prompt(ALICE, 1))
+    s.submit(alice.request)
+    step(s, sample=lambda p: 5)
+    step(s, sample=lambda p: EOG)
+    assert alice.ended
+    assert alice.finished.finish_reason == "stop"
+    assert alice.text == "w5"
+
+
+def test_requests_are_admitted_in_order_of_arrival() -> None:
+    s = make(sequences=2)
+    clients = [Client(prompt(owner, 1)) for owner in (ALICE, BOB, CAROL)]
+    for client in clients:
+        s.submit(client.request)
+    plan = step(s)
+    assert [a.progress.request for a in plan.admissions] == [c.request for c in clients[:2]]
+    assert s.counts() == (2, 1)
+    run_to_end(s, clients[0], clients[1])
+    assert next_admitted(s) == [clients[2].request]
+
+
+def test_a_conversation_continues_in_its_own_sequence() -> None:
+    s = make(sequences=2)
+    first = Client(prompt(ALICE, 1, 2, 3))
+    s.submit(first.request)
+    run_to_end(s, first)
+    held = list(s._slots[0].tokens) if s._slots[0].tokens else list(s._slots[1].tokens)
+    follow_up = Client(PromptKey([*held, 9, 9], len(PUBLIC), ALICE))
+    s.submit(follow_up.request)
+    plan = step(s)
+    (admission,) = plan.admissions
+    assert admission.source is None  # kept in place, nothing shared or copied
+    assert admission.keep == len(held)
+    (chunk,) = plan.chunks
+    assert list(chunk.tokens) == [9, 9]
+    seq_id = admission.progress.slot.seq_id
+    progress_seq = [slot.seq_id for slot in s._slots if slot.tokens and slot.progress is None]
+    assert seq_id not in progress_seq
+    run_to_end(s, follow_up)
+    assert follow_up.finished.usage is not None
+    assert follow_up.finished.usage.cached_tokens == len(held)
+    assert follow_up.finished.usage.cache_tier is CacheTier.LIVE
+
+
+def test_another_user_shares_only_the_public_prefix_by_reference() -> None:
+    s = make(sequences=2)
+    alice = Client(prompt(ALICE, 1, 2, 3))
+    s.submit(alice.request)
+    run_to_end(s, alice)
+    bob = Client(prompt(BOB, 1, 2, 3))  # the same words, but Bob's
+    s.submit(bob.request)
+    plan = step(s)
+    (admission,) = plan.admissions
+    alice_seq = next(slot.seq_id for slot in s._slots if slot.owner == ALICE)
+    assert admission.source == alice_seq
+    assert admission.keep == len(PUBLIC)
+
+
+def test_the_least_recently_used_idle_sequence_is_evicted_to_make_room() -> None:
+    s = make(sequences=3, pool=100)
+    alice, bob = Client(prompt(ALICE, length=20)), Client(prompt(BOB, length=20))
+    for client in (alice, bob):
+        s.submit(client.request)
+        run_to_end(s, client)
+    carol = Client(prompt(CAROL, length=40), max_tokens=4)  # 60 cells: room for one more
+    s.submit(carol.request)
+    plan = step(s)
+    alice_seq = next(slot.seq_id for slot in s._slots if slot.owner == ALICE)
+    assert plan.evictions == [alice_seq]  # Alice's sequence was used longest ago
+    assert [a.progress.request for a in plan.admissions] == [carol.request]
+
+
+def test_a_sequence_is_not_evicted_while_its_state_is_being_saved() -> None:
+    s = make(sequences=2, pool=100)
+    alice = Client(prompt(ALICE, length=40))
+    s.submit(alice.request)
+    saving: Future[None] = Future()
+    for _ in range(10):
+        plan = s.schedule()
+        output = StepOutput(
+            sampled={c.progress: 7 for c in plan.chunks if c.wants_logits},
+            saving={save.seq_id: saving for save in plan.saves},
+        )
+        s.update_from_output(plan, output)
+        if plan.saves:
+            break
+    assert alice.ended
+    bob = Client(prompt(BOB, length=40))
+    s.submit(bob.request)
+    plan = s.schedule()
+    assert plan.evictions == []
+    assert plan.admissions == []
+    saving.set_result(None)
+    plan = step(s)
+    assert len(plan.evictions) == 1
+    assert [a.progress.request for a in plan.admissions] == [bob.request]
+
+
+def test_a_request_waits_while_the_running_ones_need_the_pool() -> None:
+    s = make(sequences=2, pool=120)
+    alice = Client(prompt(ALICE, length=60), max_tokens=20)
+    bob = Client(prompt(BOB, length=60), max_tokens=20)
+    s.submit(alice.request)
+    s.submit(bob.request)
+    plan = step(s)
+    assert [a.progress.request for a in plan.admissions] == [alice.request]
+    assert s.counts() == (1, 1)
+    run_to_end(s, alice)
+    assert next_admitted(s) == [bob.request]
+
+
+def test_a_long_prompt_alone_takes_the_whole_batch() -> None:
+    s, long = make(batch=256), Client(prompt(ALICE, length=1000))
+    s.submit(long.request)
+    plan = step(s)
+    assert sum(len(c.tokens) for c in plan.chunks) == 256
+    assert plan.predicted_s > BOUND_S  # nobody else is waiting: no bound
+
+
+def test_while_others_stream_a_long_prompt_is_read_in_bounded_shrinking_chunks() -> None:
+    s = make(sequences=3, batch=512)
+    streaming = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(streaming.request)
+    step(s)  # Bob is answering from now on
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    chunks: list[int] = []
+    while not long.events:
+        plan = step(s)
+        assert plan.decode_tokens == 1  # Bob's next token is in every step
+        (prefill,) = [c for c in plan.chunks if not c.tokens or c.progress.request is long.request]
+        chunks.append(len(prefill.tokens))
+        assert plan.predicted_s <= BOUND_S or len(prefill.tokens) == MIN_CHUNK
+    assert chunks[0] > chunks[-2] >= MIN_CHUNK  # deeper into the context, smaller chunks
+    # All but the public prefix, shared from Bob's sequence.
+    assert sum(chunks) + len(PUBLIC) == len(long.request.key.tokens)
+
+
+def test_a_short_follow_up_is_read_before_a_long_prompt_goes_on() -> None:
+    s = make(sequences=3, batch=512)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    short = Client(prompt(BOB, 1, 2))
+    s.submit(short.request)
+    plan = step(s)
+    first, second = plan.chunks
+    assert first.progress.request is short.request
+    assert first.wants_logits
+    assert second.progress.request is long.request
+    assert plan.predicted_s <= BOUND_S or len(second.tokens) == MIN_CHUNK
+
+
+def test_the_cost_model_predicts_from_tokens_and_positions() -> None:
+    model = StepCostModel(COST)
+    shallow, deep = StepShape(), StepShape()
+    shallow.add(0, 100)
+    deep.add(5000, 100)
+    assert model.predict(deep) > model.predict(shallow)
+    n = model.max_chunk(StepShape(), 5000, BOUND_S)
+    at_n, past_n = StepShape(), StepShape()
+    at_n.add(5000, n)
+    past_n.add(5000, n + 1)
+    assert model.predict(at_n) <= BOUND_S < model.predict(past_n)
+
+
+def test_the_cost_model_fits_the_steps_it_times() -> None:
+    truth = Coefficients(per_step_s=0.02, per_token_s=0.003, per_cell_s=5e-7)
+    model = StepCostModel(COST)
+    for start, n in [(0, 1), (100, 1), (0, 64), (2000, 256), (6000, 128), (300, 8)] * 10:
+        shape = StepShape()
+        shape.add(start, n)
+        model.observe(
+            shape, truth.per_step_s + truth.per_token_s * n + truth.per_cell_s * shape.cells
+        )
+    model.refit()
+    fitted = model.coefficients
+    assert fitted.per_token_s == pytest.approx(truth.per_token_s, rel=0.2)
+    assert fitted.per_cell_s == pytest.approx(truth.per_cell_s, rel=0.2)
+
+
+@pytest.mark.parametrize("phase", ["waiting", "prefill", "decode"])
+def test_a_cancelled_request_ends_in_every_phase(phase: str) -> None:
+    s = make(sequences=1)
+    alice = Client(prompt(ALICE, length=600), max_tokens=50)
+    s.submit(alice.request)
+    if phase == "waiting":
+        bob = Client(prompt(BOB, 1))
+        s.submit(bob.request)
+        assert s.withdraw(bob.request)
+        step(s)
+        assert s.counts() == (1, 0)
+        return
+    s.submit(Client(prompt(BOB, 1)).request)  # Bob waits: the alone-rule does not apply
+    step(s)
+    if phase == "decode":
+        while progress_of(s, alice).phase is not Phase.DECODE:
+            step(s)
+    alice.request.cancelled.set()
+    plan = step(s)
+    assert alice.ended
+    assert not alice.failed
+    assert all(c.progress.request is not alice.request for c in plan.chunks)
+    assert s.counts() == (0, 1)
+    step(s)
+    assert s.counts() == (1, 0)  # Bob took the sequence over
+
+
+def test_a_cancelled_request_ends_while_its_saved_state_is_read() -> None:
+    s = make(sequences=1)
+    first = Client(prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8))
+    s.submit(first.request)
+    run_to_end(s, first)
+    other = Client(prompt(BOB, length=40))
+    s.submit(other.request)
+    run_to_end(s, other)  # Alice's sequence is Bob's now: her state is in RAM only
+    again = Client(PromptKey([*first.request.key.tokens, 7, 7, 7, 9], len(PUBLIC), ALICE))
+    plan = admit(s, again)
+    assert progress_of(s, again).phase is Phase.RESTORING
+    again.request.cancelled.set()
+    s.update_from_output(plan, StepOutput())
+    plan = step(s)
+    assert again.ended
+    assert not again.failed
+    assert s.counts() == (0, 0)
+
+
+def test_a_saved_state_is_read_off_the_step_then_loaded() -> None:
+    s = make(sequences=1)
+    first = Client(prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8))
+    s.submit(first.request)
+    run_to_end(s, first)
+    other = Client(prompt(BOB, length=40))
+    s.submit(other.request)
+    run_to_end(s, other)
+    again = Client(PromptKey([*first.request.key.tokens, 7, 7, 7, 9], len(PUBLIC), ALICE))
+    plan = admit(s, again)
+    assert not plan.loads
+    assert all(c.progress.request is not again.request for c in plan.chunks)
+    progress = progress_of(s, again)
+    assert progress.fetched is not None
+    progress.fetched.result()
+    s.update_from_output(plan, StepOutput())
+    plan = step(s)
+    (load,) = plan.loads
+    assert load.restore.tier is CacheTier.RAM
+    (chunk,) = [c for c in plan.chunks if c.progress.request is again.request]
+    assert list(chunk.tokens) == [9]
+    run_to_end(s, again)
+    assert again.finished.usage is not None
+    assert again.finished.usage.cache_tier is CacheTier.RAM
+
+
+def test_a_failure_admitting_one_request_fails_that_request_only() -> None:
+    s = make(sequences=2)
+    bob = Client(prompt(BOB, 1), max_tokens=10)
+    s.submit(bob.request)
+    step(s)
+    alice = Client(prompt(ALICE, 1, 2))
+    s.submit(alice.request)
+    plan = s.schedule()
+    (admission,) = plan.admissions
+    output = StepOutput(
+        sampled={c.progress: 7 for c in plan.chunks if c.progress.request is bob.request},
+        failed={admission.progress: RuntimeError("llama.cpp refused the sequence")},
+    )
+    s.update_from_output(plan, output)
+    assert alice.failed
+    assert alice.ended
+    assert not bob.failed
+    assert not bob.ended
+    run_to_end(s, bob)
+    assert bob.finished.finish_reason == "length"
+
+
+def test_an_exception_while_planning_an_admission_fails_that_request_only() -> None:
+    s = make(sequences=2)
+    bob = Client(prompt(BOB, 1), max_tokens=10)
+    s.submit(bob.request)
+    step(s)
+    kv = s._kv_cache
+    assert kv is not None
+    real_find = kv.find
+
+    def find(key: PromptKey, live: int) -> object:
+        if key.owner == ALICE:
+            raise OSError("the index is unreadable")
+        return real_find(key, live)
+
+    kv.find = find  # type: ignore[method-assign,assignment]
+    alice = Client(prompt(ALICE, 1, 2))
+    s.submit(alice.request)
+    step(s)
+    assert alice.failed
+    assert alice.ended
+    run_to_end(s, bob)
+    assert not bob.failed
+
+
+def test_a_failed_decode_fails_the_requests_in_its_batch() -> None:
+    s = make(sequences=2)
+    alice, bob = Client(prompt(ALICE, 1)), Client(prompt(BOB, 1))
+    s.submit(alice.request)
+    s.submit(bob.request)
+    step(s, decode_error=RuntimeError("llama_decode returned -1"))
+    assert alice.failed
+    assert bob.failed
+    assert s.counts() == (0, 0)
