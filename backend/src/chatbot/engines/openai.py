@@ -24,8 +24,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
+from functools import partial
 from typing import Any
 
 import httpx
@@ -159,9 +160,18 @@ class OpenAIEngine(Engine):
         body = self._body(request)
         headers = {self._affinity_header: affinity_key(request.session)} if request.session else {}
         stops = request_stops(self._format_stops, request.sampling.stop)
-        generation = _RemoteGeneration(self, body, headers, stops, set(body["stop"]))
+        generation = _RemoteGeneration(
+            partial(self._open, body, headers),
+            retries=self._retries,
+            count_waiting=self._count_waiting,
+            stops=stops,
+            server_stops=set(body["stop"]),
+        )
         await generation.send()
         return generation
+
+    def _count_waiting(self, change: int) -> None:
+        self._waiting += change
 
     # --- the model server
 
@@ -345,19 +355,23 @@ class _RemoteGeneration(Generation):
 
     def __init__(
         self,
-        engine: OpenAIEngine,
-        body: dict[str, Any],
-        headers: dict[str, str],
+        open_stream: Callable[[], Awaitable[httpx.Response]],
+        *,
+        retries: int,
+        count_waiting: Callable[[int], None],
         stops: Stops,
         server_stops: set[str],
     ) -> None:
-        """``stops``: every stop string, watched for here; ``server_stops``: those the
+        """``open_stream``: sends the request and returns once the server accepted it; it is
+        called again if the stream breaks before its first token, up to ``retries`` times.
+        ``count_waiting``: told +1 when it starts waiting for its first token, -1 when it
+        stops. ``stops``: every stop string, watched for here; ``server_stops``: those the
         server was given too, at which it ends the stream itself."""
-        self._engine = engine
-        self._body = body
+        self._open_stream = open_stream
+        self._retries = retries
+        self._count_waiting = count_waiting
         self._stops = stops
         self._server_stops = server_stops
-        self._headers = headers
         self._response: httpx.Response | None = None
         self._submitted_at = time.perf_counter()
         self._accepted_at = self._submitted_at
@@ -367,7 +381,7 @@ class _RemoteGeneration(Generation):
     async def send(self) -> None:
         self._set_waiting(True)
         try:
-            self._response = await self._engine._open(self._body, self._headers)
+            self._response = await self._open_stream()
         except BaseException:
             self._set_waiting(False)
             raise
@@ -375,7 +389,7 @@ class _RemoteGeneration(Generation):
 
     def _set_waiting(self, waiting: bool) -> None:
         if waiting != self._waiting:
-            self._engine._waiting += 1 if waiting else -1
+            self._count_waiting(1 if waiting else -1)
             self._waiting = waiting
 
     def closed(self) -> bool:
@@ -423,7 +437,7 @@ class _RemoteGeneration(Generation):
                     raise EngineFailure(
                         "the model server sent nothing for too long", code="engine_timeout"
                     ) from exc
-                if first_at is not None or attempt >= self._engine._retries:
+                if first_at is not None or attempt >= self._retries:
                     raise EngineFailure(
                         "the model server failed while answering", code="engine_failed"
                     ) from exc
@@ -437,11 +451,12 @@ class _RemoteGeneration(Generation):
         first = first_at or ended
         yield Finished(
             usage=stream.usage,
-            timing=Timing(
-                queue_ms=_ms(self._accepted_at - self._submitted_at),
-                prefill_ms=_ms(first - self._accepted_at),
-                ttft_ms=_ms(first - self._submitted_at),
-                total_ms=_ms(ended - self._submitted_at),
+            timing=Timing.measured(
+                submitted=self._submitted_at,
+                admitted=self._accepted_at,
+                prefilled=first,
+                first_token=first,
+                ended=ended,
             ),
             finish_reason=stream.finish_reason,
         )
@@ -516,7 +531,3 @@ def _usage(usage: dict[str, Any]) -> Usage:
         cached_tokens=int(details.get("cached_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
     )
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)

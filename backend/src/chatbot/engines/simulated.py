@@ -309,8 +309,7 @@ class SimulatedEngine(Engine):
             kv_bytes_per_token=self.gpu.kv_bytes_per_token,
         )
         self._ready = False
-        self.running = 0
-        self._waiting: deque[_SimulatedGeneration] = deque()
+        self.slots = SequenceSlots(self.gpu.max_sequences)
 
     @property
     def ready(self) -> bool:
@@ -322,17 +321,19 @@ class SimulatedEngine(Engine):
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return self.slots.waiting
+
+    @property
+    def running(self) -> int:
+        """Generations holding a sequence slot."""
+        return self.slots.running
 
     async def start(self) -> None:
         self._ready = True
 
     async def aclose(self) -> None:
         self._ready = False
-        while self._waiting:
-            generation = self._waiting.popleft()
-            if not generation.slot.done():
-                generation.slot.set_exception(ServiceUnavailable("the server is shutting down"))
+        self.slots.refuse_waiting(ServiceUnavailable("the server is shutting down"))
 
     def cache_stats(self) -> CacheStats | None:
         return self.cache.stats()
@@ -355,51 +356,81 @@ class SimulatedEngine(Engine):
             raise ContextLengthExceeded(
                 f"the prompt is {prompt.tokens} tokens; the context holds {self._context_tokens}"
             )
-        if self.running >= self.gpu.max_sequences and len(self._waiting) >= self._queue_size:
+        if self.slots.full and self.slots.waiting >= self._queue_size:
             raise EngineOverloaded(
                 f"the engine queue is full ({self._queue_size} waiting)", retry_after=1
             )
         answer = min(self._answer_tokens, request.sampling.max_tokens)
         reason: FinishReason = "length" if answer < self._answer_tokens else "stop"
-        generation = _SimulatedGeneration(self, prompt, answer, reason)
-        generation.enqueue()
+        generation = _SimulatedGeneration(self.slots, self.cache, self.gpu, prompt, answer, reason)
+        self.slots.admit(generation)
         return generation
 
-    # --- sequence slots
 
-    def _admit(self, generation: _SimulatedGeneration) -> None:
-        if self.running < self.gpu.max_sequences and not self._waiting:
+class SequenceSlots:
+    """The GPU's sequence slots (vLLM's ``--max-num-seqs``), and the generations waiting
+    for one, first come, first served."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.running = 0
+        self._waiting: deque[_SimulatedGeneration] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def full(self) -> bool:
+        return self.running >= self.size
+
+    def admit(self, generation: _SimulatedGeneration) -> None:
+        """A slot for ``generation`` now, or once those before it have had theirs."""
+        if not self.full and not self._waiting:
             self._grant(generation)
         else:
             self._waiting.append(generation)
+
+    def withdraw(self, generation: _SimulatedGeneration) -> None:
+        """``generation`` no longer waits for a slot."""
+        if generation in self._waiting:
+            self._waiting.remove(generation)
+
+    def release(self, generation: _SimulatedGeneration) -> None:
+        """``generation``'s slot, if it holds one, goes to the next in line."""
+        if not generation.holding:
+            return
+        generation.holding = False
+        self.running -= 1
+        while self._waiting and not self.full:
+            self._grant(self._waiting.popleft())
+
+    def refuse_waiting(self, error: Exception) -> None:
+        """Every generation still waiting fails with ``error``."""
+        while self._waiting:
+            generation = self._waiting.popleft()
+            if not generation.slot.done():
+                generation.slot.set_exception(error)
 
     def _grant(self, generation: _SimulatedGeneration) -> None:
         self.running += 1
         generation.holding = True
         generation.slot.set_result(None)
 
-    def _withdraw(self, generation: _SimulatedGeneration) -> None:
-        if generation in self._waiting:
-            self._waiting.remove(generation)
-
-    def _release(self, generation: _SimulatedGeneration) -> None:
-        if not generation.holding:
-            return
-        generation.holding = False
-        self.running -= 1
-        while self._waiting and self.running < self.gpu.max_sequences:
-            self._grant(self._waiting.popleft())
-
 
 class _SimulatedGeneration(Generation):
     def __init__(
         self,
-        engine: SimulatedEngine,
+        slots: SequenceSlots,
+        cache: PrefixCache,
+        gpu: GpuModel,
         prompt: _Prompt,
         answer_tokens: int,
         finish_reason: FinishReason,
     ) -> None:
-        self.engine = engine
+        self.slots = slots
+        self.cache = cache
+        self.gpu = gpu
         self.prompt = prompt
         self.answer_tokens = answer_tokens
         self.finish_reason = finish_reason
@@ -418,9 +449,6 @@ class _SimulatedGeneration(Generation):
         """Closed by the consumer, possibly while it held a token."""
         return self._closed
 
-    def enqueue(self) -> None:
-        self.engine._admit(self)
-
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
         return self._events()
 
@@ -430,8 +458,8 @@ class _SimulatedGeneration(Generation):
             return
         self._started = True
         started = self._loop.time()
-        hit = self.engine.cache.lookup(self.prompt)
-        gpu = self.engine.gpu
+        hit = self.cache.lookup(self.prompt)
+        gpu = self.gpu
         prefill = gpu.load_s(hit.cpu_tokens) + gpu.prefill_s(
             hit.tokens, self.prompt.tokens - hit.tokens
         )
@@ -453,8 +481,7 @@ class _SimulatedGeneration(Generation):
                 yield TokenDelta(text)
                 if self.closed():
                     return
-            queue_s = started - self._submitted
-            decode_s = (self.answer_tokens - 1) * interval
+            ended = first_at + (self.answer_tokens - 1) * interval
             yield Finished(
                 usage=Usage(
                     prompt_tokens=self.prompt.tokens,
@@ -462,11 +489,12 @@ class _SimulatedGeneration(Generation):
                     completion_tokens=self._produced,
                     cache_tier=hit.tier,
                 ),
-                timing=Timing(
-                    queue_ms=_ms(queue_s),
-                    prefill_ms=_ms(prefill),
-                    ttft_ms=_ms(queue_s + prefill),
-                    total_ms=_ms(queue_s + prefill + decode_s),
+                timing=Timing.measured(
+                    submitted=self._submitted,
+                    admitted=started,
+                    prefilled=first_at,
+                    first_token=first_at,
+                    ended=ended,
                 ),
                 finish_reason=self.finish_reason,
             )
@@ -495,12 +523,12 @@ class _SimulatedGeneration(Generation):
             self._started = False
             answer = "".join(self._word(i) for i in range(self._produced)).strip()
             text = self.prompt.text + answer + "\n"
-            self.engine.cache.store(text, self.prompt.public_chars, self.prompt.owner)
-        self.engine._release(self)
+            self.cache.store(text, self.prompt.public_chars, self.prompt.owner)
+        self.slots.release(self)
 
     async def aclose(self) -> None:
         self._closed = True
-        self.engine._withdraw(self)
+        self.slots.withdraw(self)
         _set_done(self.slot)  # a waiting stream wakes up, sees it is closed, and ends
         if self._wake is not None:
             _set_done(self._wake)
@@ -510,7 +538,3 @@ class _SimulatedGeneration(Generation):
 def _set_done(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)

@@ -51,6 +51,29 @@ class Timing(BaseModel):
     ttft_ms: float = Field(ge=0, description="From admission to the first token.")
     total_ms: float = Field(ge=0, description="From admission to the last token.")
 
+    @classmethod
+    def measured(
+        cls,
+        *,
+        submitted: float,
+        admitted: float,
+        prefilled: float,
+        first_token: float,
+        ended: float,
+    ) -> Timing:
+        """From one clock's readings in seconds: the request submitted to the engine, admitted
+        by it, its prompt prefilled (the first token sampled), its first text out, its last."""
+        return cls(
+            queue_ms=_ms(admitted - submitted),
+            prefill_ms=_ms(prefilled - admitted),
+            ttft_ms=_ms(first_token - submitted),
+            total_ms=_ms(ended - submitted),
+        )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
 
 class PromptFormatInfo(BaseModel):
     """How the embedded engine lays out prompts, and what its start-up check found."""
