@@ -152,17 +152,9 @@ class Service:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _launch(
-        self,
-        name: str,
-        command: list[str],
-        env: dict[str, str],
-        log: Path,
-        ready_url: str,
-        ready_timeout: float = 300.0,
-    ) -> None:
-        self.process = Process(name, command, env, log, ready_url, ready_timeout)
-        self.process.start()
+    def _launch(self, process: Process) -> None:
+        self.process = process
+        process.start()
 
     def stop(self) -> None:
         if self.process is not None:
@@ -211,7 +203,7 @@ class LMCacheServer(Service):
             str(self.http_port),
         ]
         log = self.log_dir / "lmcache-server.log"
-        self._launch("lmcache server", command, _environment(), log, self.metrics_url, 120)
+        self._launch(Process("lmcache server", command, _environment(), log, self.metrics_url, 120))
 
     def metrics(self) -> str:
         return httpx.get(self.metrics_url, timeout=10).text
@@ -323,7 +315,7 @@ class VllmServer(Service):
             # the server-driven transfer mode accepts.
             env["LMCACHE_MP_TRANSFER_MODE"] = "lmcache_driven"
         log = self.log_dir / f"{self.name}.log"
-        self._launch(self.name, command, env, log, f"{self.url}/v1/models")
+        self._launch(Process(self.name, command, env, log, f"{self.url}/v1/models"))
 
     def restart(self) -> None:
         self.stop()
@@ -365,7 +357,7 @@ class Router(Service):
             str(self.metrics_port),
         ]
         log = self.log_dir / "router.log"
-        self._launch("vllm-router", command, _environment(), log, f"{self.url}/health")
+        self._launch(Process("vllm-router", command, _environment(), log, f"{self.url}/health"))
 
 
 @contextmanager
