@@ -120,6 +120,15 @@ class Settings(BaseSettings):
         description="Tokens the embedded engine evaluates per step: one for each answering "
         "sequence, the rest for prompt chunks of those being admitted.",
     )
+    step_bound_ms: float = Field(
+        default=150,
+        ge=10,
+        le=10000,
+        description="The most one step of the embedded engine may cost, predicted from its "
+        "tokens and their positions, while anyone else waits on the engine (an answer "
+        "streaming, another prompt to read): a long prompt is read in chunks that fit, so "
+        "others' tokens never wait longer. A prompt alone on the engine takes BATCH_TOKENS.",
+    )
     parallel: int = Field(
         default=16,
         ge=1,
@@ -143,6 +152,14 @@ class Settings(BaseSettings):
     few_shot: bool = Field(
         default=True,
         description="Prefix prompts with a few-shot chat preamble (needed by base models).",
+    )
+    chat_template: str = Field(
+        default="auto",
+        description="How prompts are laid out: 'auto' (the GGUF's own chat template if it "
+        "has one, else the transcript), 'transcript' (plain User:/Assistant: turns with "
+        "few-shot examples, for a base model), 'model' (the model's own template; with the "
+        "openai engine: the server renders it, and no transcript stops are sent), or a path "
+        "to a .jinja template.",
     )
 
     # --- the openai engine: an OpenAI-compatible model server
@@ -378,6 +395,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"an API key is given twice (users {keys[key]!r}, {user!r})")
             keys[key] = user
         return keys
+
+    @field_validator("chat_template")
+    @classmethod
+    def _check_chat_template(cls, value: str) -> str:
+        if value in ("auto", "transcript", "model"):
+            return value
+        if not value.endswith(".jinja") or not Path(value).is_file():
+            raise ValueError(
+                f"CHATBOT_CHAT_TEMPLATE: {value!r} is neither 'auto', 'transcript', 'model' "
+                "nor an existing .jinja file"
+            )
+        return value
 
     @field_validator("operators", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ prefill would."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from chatbot.engines.embedded import EmbeddedEngine, state_namespace
 from chatbot.engines.llama_context import BatchItem, LlamaContext
 from chatbot.kvcache import KVCache
 from chatbot.kvcache.keys import common_prefix_length
+from chatbot.kvcache.tiers import DiskTier, RamTier
 from chatbot.models.cache import CacheTier
 from chatbot.models.domain import ChatMessage, Usage
 from chatbot.models.errors import EngineOverloaded
@@ -325,3 +327,50 @@ def test_a_cancelled_request_frees_its_sequence_for_the_next(model_path: Path) -
             await running.aclose()
 
     asyncio.run(run())
+
+
+def test_saves_and_loads_run_on_the_caches_thread_never_in_a_step(
+    model_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every read and write of a saved state's bytes (RAM, spill to disk, load from disk)
+    happens on the cache's I/O thread: none on the engine's worker thread, whose steps
+    the streaming users wait on."""
+    threads: dict[str, set[str]] = {}
+    for tier in (RamTier, DiskTier):
+        for name in ("put", "get"):
+            method = getattr(tier, name)
+
+            def recorded(self: Any, *args: Any, _m: Any = method, _n: str = name) -> Any:
+                threads.setdefault(f"{type(self).__name__}.{_n}", set()).add(
+                    threading.current_thread().name
+                )
+                return _m(self, *args)
+
+            monkeypatch.setattr(tier, name, recorded)
+
+    async def run() -> None:
+        # RAM holds about one conversation's state: the next one spills it to disk.
+        cache = KVCache(
+            namespace=state_namespace(model_path),
+            chunk_tokens=64,
+            ram_bytes=6 * 1024**2,
+            disk_bytes=GIB,
+            disk_dir=tmp_path,
+        )
+        running = engine(model_path, parallel=1, kv_cache=cache)
+        await running.start()
+        try:
+            alice = [user(QUESTIONS[0])]
+            text, _ = await ask(running, alice, "alice")
+            for i, name in enumerate(("bob", "carol")):
+                await ask(running, [user(QUESTIONS[i + 1])], name)
+            turn2 = [*alice, ChatMessage(role="assistant", content=text), user("And why?")]
+            _, usage = await ask(running, turn2, "alice")
+            assert usage.cache_tier is CacheTier.DISK
+        finally:
+            await running.aclose()
+
+    asyncio.run(run())
+    assert {"RamTier.put", "DiskTier.put", "DiskTier.get"} <= threads.keys(), threads
+    for operation, names in threads.items():
+        assert all(n.startswith("kv-io") for n in names), (operation, names)

@@ -1,7 +1,7 @@
 """The embedded engine: llama.cpp in-process through llama-cpp-python, on the CPU.
 
 One llama.cpp context with ``parallel`` sequences serves every user at once: a worker
-thread runs continuous batching over them (``chatbot.engines.scheduler``), and this module
+thread runs continuous batching over them (``chatbot.engines.batching``), and this module
 is its asynchronous face: it renders and tokenizes prompts, admits requests into a bounded
 FIFO queue or refuses them at once, and hands each request's events to its consumer on the
 event loop. The KV cache (``chatbot.kvcache``) keeps each conversation's state, resident in
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from chatbot.engines import chat_format, model_files
+from chatbot.engines import chat_format, chat_template, model_files
 from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.base import (
     EngineEvent,
@@ -30,11 +30,15 @@ from chatbot.engines.base import (
     GenerationRequest,
     SamplingParams,
 )
+from chatbot.engines.batching.cost import StepCostModel
+from chatbot.engines.batching.requests import Request
+from chatbot.engines.batching.runner import ModelRunner, serve
+from chatbot.engines.batching.scheduler import PINNED_SEQUENCES, Scheduler
 from chatbot.engines.llama_context import LlamaContext
-from chatbot.engines.scheduler import PINNED_SEQUENCES, Job, Scheduler
+from chatbot.engines.stops import Stops, request_stops
 from chatbot.kvcache import KVCache, PromptKey, owner_digest
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import BatchStats, ChatMessage
+from chatbot.models.domain import BatchStats, ChatMessage, PromptFormatInfo
 from chatbot.models.errors import ContextLengthExceeded, EngineOverloaded, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -72,7 +76,7 @@ class _Stream:
 
 
 class _EmbeddedGeneration(Generation):
-    def __init__(self, scheduler: Scheduler, job: Job, stream: _Stream) -> None:
+    def __init__(self, scheduler: Scheduler, job: Request, stream: _Stream) -> None:
         self._scheduler = scheduler
         self._job = job
         self._stream = stream
@@ -111,10 +115,14 @@ class EmbeddedEngine(EngineBase):
         queue_size: int,
         few_shot: bool,
         kv_cache: KVCache | None = None,
+        step_bound_s: float = 0.15,
+        template: str = chat_template.AUTO,
     ) -> None:
         """``context_tokens``: the most one sequence holds, prompt and answer. ``parallel``:
         sequences answering at once. ``pool_tokens``: KV cells shared by all sequences.
-        ``kv_cache``: None recomputes every prompt in full (the benchmarks' baseline)."""
+        ``kv_cache``: None recomputes every prompt in full (the benchmarks' baseline).
+        ``template``: ``auto``, ``transcript``, ``model`` or a ``.jinja`` file
+        (``chatbot.engines.chat_template.choose``)."""
         self.model_id = model_id
         self._kv_cache = kv_cache
         self._model_path = model_path
@@ -125,6 +133,10 @@ class EmbeddedEngine(EngineBase):
         self._pool_tokens = pool_tokens
         self._queue_size = queue_size
         self._few_shot = few_shot
+        self._step_bound_s = step_bound_s
+        self._template = template
+        self._format: chat_template.PromptFormat | None = None
+        self._template_check: chat_template.TemplateCheck | None = None
         self._context: LlamaContext | None = None
         self._scheduler: Scheduler | None = None
         self._worker: threading.Thread | None = None
@@ -138,20 +150,56 @@ class EmbeddedEngine(EngineBase):
             batch_tokens=self._batch_tokens,
             threads=self._threads,
         )
+        self._format, self._template_check = self._prompt_format(self._context)
         self._scheduler = Scheduler(
             self._context,
             sequences=self._parallel,
             sequence_tokens=self._context_tokens,
+            pool_tokens=self._context.pool_tokens,
+            batch_tokens=self._batch_tokens,
             kv_cache=self._kv_cache,
+            cost=StepCostModel(),
+            step_bound_s=self._step_bound_s,
         )
-        self._worker = threading.Thread(target=self._scheduler.run, name="llama", daemon=True)
+        runner = ModelRunner(self._context, self._kv_cache)
+        self._worker = threading.Thread(
+            target=serve, args=(self._scheduler, runner), name="llama", daemon=True
+        )
         self._worker.start()
         logger.info(
-            "embedded engine ready: %s, %d sequences of %d tokens",
+            "embedded engine ready: %s, %d sequences of %d tokens, prompts as %s",
             self._model_path.name,
             self._parallel,
             self._context_tokens,
+            self._format.name,
         )
+
+    def _prompt_format(
+        self, context: LlamaContext
+    ) -> tuple[chat_template.PromptFormat, chat_template.TemplateCheck | None]:
+        prompt_format = chat_template.choose(
+            self._template,
+            model_template=context.chat_template(),
+            few_shot=self._few_shot,
+            bos_token=context.token_text(context.bos()),
+            eos_token=context.token_text(context.eos()),
+            adds_bos=context.adds_bos(),
+        )
+        check = prompt_format.check(context.tokenize, context.bos())
+        if check is not None and not check.prefix_stable:
+            # Not an error: the cache still reuses what the prompts share, measured here.
+            logger.warning(
+                "the chat template %r is not prefix-stable: a turn's prompt reuses as little "
+                "as %.0f %% of the previous turn's KV cache",
+                prompt_format.name,
+                100 * check.reuse,
+            )
+        if check is not None and not check.verbatim:
+            logger.warning(
+                "the chat template %r transforms message content; prompts show it as given",
+                prompt_format.name,
+            )
+        return prompt_format, check
 
     async def warm(self, public: Sequence[ChatMessage]) -> None:
         """Compute the public prefix that ``public`` (the server's own leading messages)
@@ -159,7 +207,7 @@ class EmbeddedEngine(EngineBase):
         shares it by reference."""
         if self._kv_cache is None or not public:
             return
-        rendered = chat_format.render(public, few_shot=self._few_shot, public_messages=len(public))
+        rendered = self.formatter.render(public, public_messages=len(public))
         tokens, public_tokens = self.tokenize(rendered)
         if public_tokens + self._context_tokens > self._pool_tokens:
             # Pinned, it would leave no room for one full-length sequence beside it.
@@ -169,10 +217,10 @@ class EmbeddedEngine(EngineBase):
             )
             return
         stream = _Stream(asyncio.get_running_loop())
-        job = Job(
+        job = Request(
             key=PromptKey(tokens[:public_tokens], public_tokens, PUBLIC_OWNER),
             sampling=SamplingParams(max_tokens=0, temperature=0.0, top_p=1.0),
-            stops=(),
+            stops=Stops(),
             emit=stream.emit,
             pin=True,
         )
@@ -191,6 +239,7 @@ class EmbeddedEngine(EngineBase):
         await asyncio.to_thread(self._worker.join)
         if self._kv_cache is not None:
             await asyncio.to_thread(self._kv_cache.flush)
+            await asyncio.to_thread(self._kv_cache.close)
         if self._context is not None:
             self._context.close()
         self._context = self._scheduler = self._worker = None
@@ -219,6 +268,23 @@ class EmbeddedEngine(EngineBase):
             raise ServiceUnavailable("the model is not loaded")
         return self._context
 
+    @property
+    def formatter(self) -> chat_template.PromptFormat:
+        """How this engine lays out prompts (known once the model is loaded)."""
+        if self._format is None:
+            raise ServiceUnavailable("the model is not loaded")
+        return self._format
+
+    def prompt_format(self) -> PromptFormatInfo | None:
+        if self._format is None:
+            return None
+        check = self._template_check
+        return PromptFormatInfo(
+            name=self._format.name,
+            prefix_stable=check is None or check.prefix_stable,
+            reuse=1.0 if check is None else check.reuse,
+        )
+
     def batch_stats(self) -> BatchStats | None:
         return self._scheduler.stats() if self._scheduler is not None else None
 
@@ -239,9 +305,7 @@ class EmbeddedEngine(EngineBase):
         return chat_format.prompt_tokens(prompt, bos=context.bos(), tokenize=context.tokenize)
 
     def prompt_key(self, request: GenerationRequest) -> PromptKey:
-        prompt = chat_format.render(
-            request.messages, few_shot=self._few_shot, public_messages=request.public_messages
-        )
+        prompt = self.formatter.render(request.messages, public_messages=request.public_messages)
         tokens, public_tokens = self.tokenize(prompt)
         return PromptKey(tokens, public_tokens, owner_digest(request.cache_salt))
 
@@ -258,10 +322,10 @@ class EmbeddedEngine(EngineBase):
                 f"the engine queue is full ({self._queue_size} waiting)", retry_after=1
             )
         stream = _Stream(asyncio.get_running_loop())
-        job = Job(
+        job = Request(
             key=key,
             sampling=request.sampling,
-            stops=chat_format.STOPS + request.sampling.stop,
+            stops=request_stops(self.formatter.stops, request.sampling.stop),
             emit=stream.emit,
         )
         scheduler.submit(job)

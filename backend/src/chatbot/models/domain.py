@@ -140,6 +140,10 @@ class Message(BaseModel):
     question are left out of later prompts."""
 
 
+STEP_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+"""Upper bounds, in seconds, of the histogram of an engine's step times."""
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStats:
     """What an engine that serves many sequences at once reports of its work."""
@@ -161,5 +165,5 @@ class BatchStats:
     step_bound_seconds: float = 0.0
     """The most a step may cost while anyone else waits on the engine."""
     step_seconds_buckets: tuple[int, ...] = ()
-    """Steps by time taken: a count per bucket of the engine's step histogram, the last one
-    unbounded."""
+    """Steps by time taken: a count per bucket of ``STEP_SECONDS_BUCKETS``, then one for
+    the slower ones."""

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from chatbot.models.cache import CacheStats
-from chatbot.models.domain import BatchStats, Timing, Usage
+from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, Timing, Usage
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -145,6 +151,29 @@ class _BatchCollector(Collector):
             "chatbot_engine_decode_tokens",
             "Answer tokens the engine evaluated.",
             value=stats.decode_tokens,
+        )
+        if not stats.step_seconds_buckets:
+            return
+        cumulative = list(accumulate(stats.step_seconds_buckets))
+        yield HistogramMetricFamily(
+            "chatbot_engine_step_seconds",
+            "Time each batch took to evaluate.",
+            buckets=[
+                *((str(le), n) for le, n in zip(STEP_SECONDS_BUCKETS, cumulative, strict=False)),
+                ("+Inf", cumulative[-1]),
+            ],
+            sum_value=stats.step_seconds,
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_predicted_step_seconds",
+            "Time the engine's cost model predicted for those batches: against "
+            "chatbot_engine_step_seconds_sum, how well it predicts.",
+            value=stats.predicted_step_seconds,
+        )
+        yield GaugeMetricFamily(
+            "chatbot_engine_step_bound_seconds",
+            "The most a step may cost while anyone else waits on the engine.",
+            value=stats.step_bound_seconds,
         )
 
 

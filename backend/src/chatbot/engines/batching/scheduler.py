@@ -42,6 +42,7 @@ import logging
 import threading
 import time
 from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -55,7 +56,7 @@ from chatbot.engines.batching.requests import AnswerText, Phase, Progress, Reque
 from chatbot.kvcache import KVCache, PromptKey, Reuse
 from chatbot.kvcache.keys import shareable_prefix
 from chatbot.models.cache import CacheTier
-from chatbot.models.domain import BatchStats, Timing, Usage
+from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, Timing, Usage
 from chatbot.models.errors import EngineFailure, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -66,9 +67,6 @@ PINNED_SEQUENCES = 4
 MIN_CHUNK = 16
 """The fewest prompt tokens a bounded step gives the first prompt in line, so that a long
 prompt moves on even where the bound leaves it nothing (a deep position, a slow machine)."""
-
-STEP_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
-"""Upper bounds, in seconds, of the step-time histogram."""
 
 # An empty plan (everyone waiting on a read from disk, or on a save to finish) waits this
 # long for a wake-up before it looks again.
@@ -128,7 +126,7 @@ class Scheduler:
             batch_tokens=0,
             decode_tokens=0,
             step_bound_seconds=step_bound_s,
-            step_seconds_buckets=(0,) * (len(STEP_BUCKETS) + 1),
+            step_seconds_buckets=(0,) * (len(STEP_SECONDS_BUCKETS) + 1),
         )
 
     # -- any thread ---------------------------------------------------------------------------
@@ -430,9 +428,7 @@ class Scheduler:
 
     def _record_step(self, plan: StepPlan, elapsed_s: float) -> None:
         self.cost.observe(plan.shape, elapsed_s)
-        bucket = next(
-            (i for i, le in enumerate(STEP_BUCKETS) if elapsed_s <= le), len(STEP_BUCKETS)
-        )
+        bucket = bisect_left(STEP_SECONDS_BUCKETS, elapsed_s)
         with self._lock:
             s = self._stats
             buckets = list(s.step_seconds_buckets)
