@@ -256,7 +256,8 @@ class VllmServer(Service):
     (None: vLLM alone, its own prefix cache only)."""
 
     model_dir: Path
-    chat_template: Path
+    chat_template: Path | None
+    """None: the converted model's own (the GGUF's, which the conversion carries over)."""
     log_dir: Path
     cache: LMCacheServer | None
     name: str = "vllm"
@@ -286,11 +287,11 @@ class VllmServer(Service):
             str(self.max_model_len),
             "--enforce-eager",
             "--enable-prompt-tokens-details",
-            "--chat-template",
-            str(self.chat_template),
             "--seed",
             "0",
         ]
+        if self.chat_template is not None:
+            command += ["--chat-template", str(self.chat_template)]
         if self.kv_blocks is not None:
             command += ["--num-gpu-blocks-override", str(self.kv_blocks)]
         env = _environment(

@@ -44,6 +44,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from chatbot.engines import chat_format
 from chatbot.engines.chat_format import RenderedPrompt, Tokenize
+from chatbot.engines.llama_context import LlamaContext
 from chatbot.engines.stops import TRANSCRIPT_STOPS, Stops
 from chatbot.models.domain import ChatMessage
 from chatbot.models.errors import InvalidRequest
@@ -223,6 +224,18 @@ def choose(
         source, name = Path(choice).read_text(), Path(choice).name
     return TemplateFormat(
         source, name=name, bos_token=bos_token, eos_token=eos_token, adds_bos=adds_bos
+    )
+
+
+def from_context(choice: str, context: LlamaContext, *, few_shot: bool) -> PromptFormat:
+    """``choose`` for the model that ``context`` has loaded, from its GGUF's metadata."""
+    return choose(
+        choice,
+        model_template=context.chat_template(),
+        few_shot=few_shot,
+        bos_token=context.token_text(context.bos()),
+        eos_token=context.token_text(context.eos()),
+        adds_bos=context.adds_bos(),
     )
 
 
