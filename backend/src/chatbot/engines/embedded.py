@@ -177,14 +177,7 @@ class EmbeddedEngine(EngineBase):
     def _prompt_format(
         self, context: LlamaContext
     ) -> tuple[chat_template.PromptFormat, chat_template.TemplateCheck | None]:
-        prompt_format = chat_template.choose(
-            self._template,
-            model_template=context.chat_template(),
-            few_shot=self._few_shot,
-            bos_token=context.token_text(context.bos()),
-            eos_token=context.token_text(context.eos()),
-            adds_bos=context.adds_bos(),
-        )
+        prompt_format = chat_template.from_context(self._template, context, few_shot=self._few_shot)
         check = prompt_format.check(context.tokenize, context.bos())
         if check is not None and not check.prefix_stable:
             # Not an error: the cache still reuses what the prompts share, measured here.
