@@ -47,6 +47,7 @@ UNAVAILABLE: dict[tuple[str, str], str] = {
     ("Embedded engine: prompt tokens served by KV tier", "A"): EMBEDDED_ONLY,
     ("Embedded engine: KV bytes by tier", "A"): EMBEDDED_ONLY,
     ("Embedded engine: KV bytes by tier", "B"): EMBEDDED_ONLY,
+    **{("Embedded engine: step time", ref): EMBEDDED_ONLY for ref in "ABCD"},
 }
 
 
