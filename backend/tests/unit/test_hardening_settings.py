@@ -53,13 +53,19 @@ def test_prometheus_in_compose_scrapes_the_chatbot_with_its_metrics_token() -> N
     services = compose["services"]
     chatbot_env = env_map(services["chatbot"]["environment"])
     assert chatbot_env["CHATBOT_METRICS_TOKEN"].startswith("${CHATBOT_METRICS_TOKEN:?")
-    assert compose["secrets"]["chatbot_metrics_token"] == {"environment": "CHATBOT_METRICS_TOKEN"}
-    assert "chatbot_metrics_token" in services["prometheus"]["secrets"]
+    # Prometheus gets the same variable and writes it where its scrape reads the token
+    # (relative to prometheus.yml), into a tmpfs: the two cannot differ, nothing is stored.
+    prometheus = services["prometheus"]
+    assert env_map(prometheus["environment"])["CHATBOT_METRICS_TOKEN"] == (
+        chatbot_env["CHATBOT_METRICS_TOKEN"]
+    )
+    assert "/etc/prometheus/secrets" in prometheus["tmpfs"]
+    assert "> /etc/prometheus/secrets/chatbot_metrics_token" in " ".join(prometheus["entrypoint"])
     jobs = load_yaml("prometheus.yml")["scrape_configs"]
     job = next(j for j in jobs if j["job_name"] == "chatbot")
     assert job["authorization"] == {
         "type": "Bearer",
-        "credentials_file": "/run/secrets/chatbot_metrics_token",
+        "credentials_file": "secrets/chatbot_metrics_token",
     }
     example = (Path(__file__).parents[3] / "deploy" / ".env.example").read_text()
     assert "\nCHATBOT_METRICS_TOKEN=\n" in example

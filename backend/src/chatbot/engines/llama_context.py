@@ -113,7 +113,11 @@ class LlamaContext:
         pool_tokens: int,
         batch_tokens: int,
         threads: int,
+        poll: int = 0,
     ) -> None:
+        """``threads`` compute each step; ``poll`` is how long they busy-wait for work
+        between operations, 0 to 100 (``ggml_threadpool_params.poll``): 0 sleeps at once,
+        which keeps a step from stalling when another process takes one of the cores."""
         # llama-cpp-python routes llama.cpp's log through this logger; its load-time
         # chatter is of no use to an operator.
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
@@ -141,6 +145,8 @@ class LlamaContext:
         if not self.ctx:
             llama_cpp.llama_model_free(self._model)
             raise LlamaError("llama.cpp could not create a context")
+        self._threadpool = _Threadpool(threads, poll)
+        _llama_attach_threadpool(self.ctx, self._threadpool.handle, self._threadpool.handle)
         self._memory: Any = llama_cpp.llama_get_memory(self.ctx)
         self.pool_tokens = int(llama_cpp.llama_n_ctx(self.ctx))
         self.batch_tokens = batch_tokens
@@ -153,6 +159,7 @@ class LlamaContext:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ctx)
             llama_cpp.llama_model_free(self._model)
+            self._threadpool.close()
             self.ctx = None
 
     # -- the vocabulary ---------------------------------------------------------------------
@@ -266,6 +273,60 @@ class LlamaContext:
 
     def sampler(self, sampling: SamplingParams) -> Sampler:
         return Sampler(self.vocab_size, sampling)
+
+
+class _ThreadpoolParams(ctypes.Structure):
+    """ggml's ``struct ggml_threadpool_params`` (ggml-cpu.h)."""
+
+    _fields_ = [
+        ("cpumask", ctypes.c_bool * 512),  # GGML_MAX_N_THREADS
+        ("n_threads", ctypes.c_int),
+        ("prio", ctypes.c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", ctypes.c_bool),
+        ("paused", ctypes.c_bool),
+    ]
+
+
+def _ggml_cpu() -> ctypes.CDLL:
+    """ggml's CPU backend, as llama-cpp-python ships it beside libllama (its Python module
+    binds no threadpool function)."""
+    lib = ctypes.CDLL(str(Path(llama_cpp.llama_cpp._lib._name).with_name("libggml-cpu.so")))
+    lib.ggml_threadpool_params_init.argtypes = [ctypes.POINTER(_ThreadpoolParams), ctypes.c_int]
+    lib.ggml_threadpool_params_init.restype = None
+    lib.ggml_threadpool_new.argtypes = [ctypes.POINTER(_ThreadpoolParams)]
+    lib.ggml_threadpool_new.restype = ctypes.c_void_p
+    lib.ggml_threadpool_free.argtypes = [ctypes.c_void_p]
+    lib.ggml_threadpool_free.restype = None
+    return lib
+
+
+def _llama_attach_threadpool(ctx: Any, threadpool: int, batch_threadpool: int) -> None:
+    attach = llama_cpp.llama_cpp._lib.llama_attach_threadpool
+    attach.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    attach.restype = None
+    attach(ctx, threadpool, batch_threadpool)
+
+
+class _Threadpool:
+    """The threads that compute every step, made once. Without one, llama.cpp starts a
+    pool per ``llama_decode`` whose threads busy-wait at each operation's barrier: when the
+    OS takes a core away (a neighbour, the API's own thread), every step waits on the
+    thread that lost it while the other spins."""
+
+    def __init__(self, threads: int, poll: int) -> None:
+        self._lib = _ggml_cpu()
+        params = _ThreadpoolParams()
+        self._lib.ggml_threadpool_params_init(ctypes.byref(params), threads)
+        params.poll = poll
+        self.handle: int = self._lib.ggml_threadpool_new(ctypes.byref(params))
+        if not self.handle:
+            raise LlamaError("llama.cpp could not start its threads")
+
+    def close(self) -> None:
+        if self.handle:
+            self._lib.ggml_threadpool_free(self.handle)
+            self.handle = 0
 
 
 def _c_bytes(payload: bytearray) -> Any:
