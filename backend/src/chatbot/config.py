@@ -7,7 +7,6 @@ environment. Unsafe or inconsistent values refuse to start instead of falling ba
 from __future__ import annotations
 
 import ipaddress
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -143,7 +142,13 @@ class Settings(BaseSettings):
         description="KV cells of the embedded engine's context, shared by all its sequences "
         "(about 18 KiB each for the bundled model); at least CONTEXT_TOKENS.",
     )
-    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Threads computing each step of the embedded engine. Unset: one per core "
+        "while the machine is otherwise quiet, fewer while other work keeps cores busy (on 2 "
+        "cores beside a busy process, 2 threads made decode steps 7x slower at p90 than 1).",
+    )
     prefix_cache: bool = Field(
         default=True,
         description="Reuse the KV cache of the longest common prompt prefix; off: the "

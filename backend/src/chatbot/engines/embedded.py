@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from chatbot.engines.base import (
     GenerationRequest,
     SamplingParams,
 )
+from chatbot.engines.batching.cores import CoreShare
 from chatbot.engines.batching.cost import StepCostModel
 from chatbot.engines.batching.requests import Request
 from chatbot.engines.batching.runner import ModelRunner, serve
@@ -109,7 +111,7 @@ class EmbeddedEngine(EngineBase):
         model_id: str,
         context_tokens: int,
         batch_tokens: int,
-        threads: int,
+        threads: int | None,
         parallel: int,
         pool_tokens: int,
         queue_size: int,
@@ -121,6 +123,7 @@ class EmbeddedEngine(EngineBase):
         """``context_tokens``: the most one sequence holds, prompt and answer. ``parallel``:
         sequences answering at once. ``pool_tokens``: KV cells shared by all sequences.
         ``kv_cache``: None recomputes every prompt in full (the benchmarks' baseline).
+        ``threads``: None follows the machine's load, up to one thread per core.
         ``template``: ``auto``, ``transcript``, ``model`` or a ``.jinja`` file
         (``chatbot.engines.chat_template.choose``)."""
         self.model_id = model_id
@@ -142,13 +145,14 @@ class EmbeddedEngine(EngineBase):
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
+        threads = self._threads or os.cpu_count() or 1
         self._context = await asyncio.to_thread(
             LlamaContext,
             self._model_path,
             sequences=self._parallel + PINNED_SEQUENCES,
             pool_tokens=self._pool_tokens,
             batch_tokens=self._batch_tokens,
-            threads=self._threads,
+            threads=threads,
         )
         self._format, self._template_check = self._prompt_format(self._context)
         self._scheduler = Scheduler(
@@ -161,7 +165,8 @@ class EmbeddedEngine(EngineBase):
             cost=StepCostModel(),
             step_bound_s=self._step_bound_s,
         )
-        runner = ModelRunner(self._context, self._kv_cache)
+        cores = CoreShare(threads) if self._threads is None else None  # else fixed
+        runner = ModelRunner(self._context, self._kv_cache, cores)
         self._worker = threading.Thread(
             target=serve, args=(self._scheduler, runner), name="llama", daemon=True
         )

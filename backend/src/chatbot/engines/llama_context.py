@@ -271,6 +271,10 @@ class LlamaContext:
         perf = llama_cpp.llama_perf_context(self.ctx)
         return int(perf.n_p_eval), int(perf.n_eval)
 
+    def set_threads(self, threads: int) -> None:
+        """Compute the next steps on ``threads`` of the pool's threads (at most its size)."""
+        llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
+
     def sampler(self, sampling: SamplingParams) -> Sampler:
         return Sampler(self.vocab_size, sampling)
 

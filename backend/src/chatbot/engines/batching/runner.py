@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 
+from chatbot.engines.batching.cores import CoreShare
 from chatbot.engines.batching.plan import Admission, Save, StepOutput, StepPlan
 from chatbot.engines.batching.requests import Progress
 from chatbot.engines.batching.scheduler import Scheduler
@@ -20,9 +21,13 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     """Owns the context and the requests' sampler chains."""
 
-    def __init__(self, context: LlamaContext, kv_cache: KVCache | None) -> None:
+    def __init__(
+        self, context: LlamaContext, kv_cache: KVCache | None, cores: CoreShare | None
+    ) -> None:
+        """``cores``: adapts the thread count to the machine's load; None keeps it fixed."""
         self._context = context
         self._kv_cache = kv_cache
+        self._cores = cores
         self._samplers: dict[Progress, Sampler] = {}
 
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -75,7 +80,18 @@ class ModelRunner:
         for progress, index in wanted:
             output.sampled[progress] = self._samplers[progress].sample(self._context, index)
         output.elapsed_s = time.perf_counter() - started
+        self._follow_the_load()
         return output
+
+    def _follow_the_load(self) -> None:
+        threads = self._cores.update() if self._cores is not None else None
+        if threads is not None:
+            logger.info(
+                "other work keeps %.1f cores busy: computing on %d threads",
+                self._cores.others if self._cores is not None else 0.0,
+                threads,
+            )
+            self._context.set_threads(threads)
 
     def close(self) -> None:
         for sampler in self._samplers.values():
