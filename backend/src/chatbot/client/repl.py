@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from types import FrameType
 
 from rich.console import Console
 from rich.text import Text
@@ -80,14 +84,20 @@ class ChatSession:
             except (EOFError, KeyboardInterrupt):
                 self.console.print()
                 return 0
-            line = line.strip()
-            if not line:
-                continue
-            if line.startswith("/") and not line.startswith("//"):
-                if not self.command(line):
+            try:
+                if not self.handle(line.strip()):
                     return 0
-                continue
+            except KeyboardInterrupt:  # between the line and its handler: nothing was sent
+                self.console.print()
+                self.note("stopped")
+
+    def handle(self, line: str) -> bool:
+        """Runs one line: a command or a message; False to leave."""
+        if line.startswith("/") and not line.startswith("//"):
+            return self.command(line)
+        if line:
             self.say(line.removeprefix("/") if line.startswith("//") else line)
+        return True
 
     def command(self, line: str) -> bool:
         """Runs one slash command; False to leave."""
@@ -305,6 +315,8 @@ def _line_reader() -> Callable[[str], str]:
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):  # not on every platform
             import readline  # noqa: F401  (importing it is what turns editing on for input)
+
+            return _InterruptibleInput().read
         return input
 
     def read_and_echo(prompt: str) -> str:
@@ -313,3 +325,61 @@ def _line_reader() -> Callable[[str], str]:
         return line
 
     return read_and_echo
+
+
+class _InterruptibleInput:
+    """``input`` under readline, where Ctrl-C always interrupts.
+
+    CPython's readline loop looks at signals only when its ``select()`` on the terminal is
+    interrupted. A Ctrl-C that lands while it is doing anything else (showing the prompt,
+    reading a key) is recorded and then ignored until the next key press: Ctrl-C pressed as
+    the prompt appears did nothing. Here the signal also wakes a thread (through Python's
+    signal wakeup fd) that sends it again while the same line is still being read, until the
+    loop has seen it. A repeat that arrives once the line is over is dropped.
+    """
+
+    _RESEND_EVERY_S = 0.1
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reading = 0  # the line being read, 0 when none
+        self._lines = 0
+        self._main = threading.main_thread().ident
+        self._wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self._watch, name="ctrl-c", daemon=True).start()
+
+    def read(self, prompt: str) -> str:
+        with self._lock:
+            self._lines += 1
+            self._reading = self._lines
+        try:
+            return input(prompt)
+        finally:
+            with self._lock:
+                self._reading = 0
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        del signum, frame
+        with self._lock:
+            resent_too_late = self._resent and not self._reading
+            self._resent = False
+        if not resent_too_late:
+            raise KeyboardInterrupt
+
+    _resent = False
+
+    def _watch(self) -> None:
+        while os.read(self._wakeup_r, 64):
+            with self._lock:
+                line = self._reading
+            while line:
+                time.sleep(self._RESEND_EVERY_S)
+                with self._lock:
+                    if self._reading != line:
+                        break
+                    self._resent = True
+                assert self._main is not None
+                signal.pthread_kill(self._main, signal.SIGINT)
