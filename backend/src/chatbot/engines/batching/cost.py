@@ -57,9 +57,9 @@ class Coefficients:
     per_cell_s: float
 
 
-# Measured on the 2-core CPU (Gemma 3 270M Q4_K_M, 2 threads): a lone decode step ~18 ms,
-# prefill ~2 ms a token near position 0, a 512-token chunk at position 6,000 ~1.5 s.
-CPU_PRIOR = Coefficients(per_step_s=0.015, per_token_s=0.0018, per_cell_s=2.0e-7)
+# Measured on the 2-core CPU (Gemma 3 270M Q4_K_M, 2 threads, 2026-12-05): a lone decode step
+# 13 ms, a 512-token chunk 0.72 s at position 0 and 1.29 s at position 6,144.
+CPU_PRIOR = Coefficients(per_step_s=0.013, per_token_s=0.00133, per_cell_s=1.8e-7)
 
 
 class StepCostModel:
