@@ -14,11 +14,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from types import TracebackType
 from typing import Literal, Self
 
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import BatchStats, ChatMessage, PromptFormatInfo, Timing, Usage
+from chatbot.models.domain import (
+    BatchStats,
+    ChatMessage,
+    DraftStats,
+    PromptFormatInfo,
+    Timing,
+    Usage,
+)
 
 FinishReason = Literal["stop", "length"]
 
@@ -34,6 +42,15 @@ class SamplingParams:
     """OpenAI's: lowers a token's logit by this much for each time it was seen."""
     presence_penalty: float = 0.0
     """OpenAI's: lowers a token's logit by this much once it was seen at all."""
+
+
+class DraftStatus(StrEnum):
+    PREFILLING = "prefilling"
+    """The engine is reading it."""
+    SKIPPED = "skipped"
+    """The engine has no spare capacity now: nothing will be computed."""
+    UNSUPPORTED = "unsupported"
+    """This engine cannot read ahead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +151,24 @@ class Engine(ABC):
 
     def user_cache_stats(self, cache_salt: str) -> LookupStats | None:
         """One user's share of those counters."""
+        return None
+
+    async def prefill_draft(self, request: GenerationRequest) -> DraftStatus:
+        """Read the prompt a message would have, ahead of the message, at the lowest
+        priority: ``request.messages`` end with what the user has written so far, and the
+        prompt stops where the answer would begin. Returns at once, never waits for the
+        model. Nothing is answered or stored but KV cache: when the message comes, the
+        usual longest-prefix lookup finds what the draft computed. A newer draft of the
+        same ``request.session`` (the conversation) replaces this one."""
+        del request
+        return DraftStatus.UNSUPPORTED
+
+    async def drop_draft(self, session: str) -> None:
+        """Stop reading the conversation's draft, if one is being read."""
+        del session
+
+    def draft_stats(self) -> DraftStats | None:
+        """What the engine did with drafts, where it reads them itself."""
         return None
 
     @abstractmethod

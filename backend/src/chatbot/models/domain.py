@@ -41,6 +41,12 @@ class Usage(BaseModel):
     cache_tier: CacheTier | None = Field(
         default=None, description="Where the cached tokens came from; null: nothing cached."
     )
+    draft_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Cached tokens that a draft computed while the user was writing (the "
+        "rest were read in earlier turns or shared).",
+    )
 
 
 class Timing(BaseModel):
@@ -138,6 +144,21 @@ class Message(BaseModel):
     """Why a failed answer failed: an error code (``interrupted``: the server stopped in the
     middle of it). Sending the question again is a clean retry, as a failed answer and its
     question are left out of later prompts."""
+
+
+@dataclass(frozen=True, slots=True)
+class DraftStats:
+    """What an engine did with drafts: prompts read while their user was still writing."""
+
+    prefilled: int = 0
+    """Drafts read to their end."""
+    dropped: int = 0
+    """Drafts stopped before their end: replaced by a newer one or by the message itself,
+    or their sequence needed by a request."""
+    tokens: int = 0
+    """Prompt tokens computed for drafts."""
+    tokens_used: int = 0
+    """Of those, tokens a message's prompt reused."""
 
 
 STEP_SECONDS_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
