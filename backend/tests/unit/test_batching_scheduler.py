@@ -480,3 +480,97 @@ def test_a_failed_decode_fails_the_requests_in_its_batch() -> None:
     assert alice.failed
     assert bob.failed
     assert s.counts() == (0, 0)
+
+
+def draft_of(key: PromptKey) -> Client:
+    client = Client(key)
+    client.request = Request(
+        key=key,
+        sampling=client.request.sampling,
+        stops=Stops(),
+        emit=client.events.append,
+        draft=True,
+    )
+    return client
+
+
+def test_a_draft_is_read_ahead_and_its_message_continues_from_it() -> None:
+    s = make(sequences=2)
+    draft = draft_of(prompt(ALICE, length=100))
+    s.submit_draft(draft.request)
+    run_to_end(s, draft)
+    assert s.draft_stats().prefilled == 1
+    drafted = len(draft.request.key.tokens)  # nothing was resident: the draft read it all
+    assert s.draft_stats().tokens == drafted
+    message = Client(PromptKey([*draft.request.key.tokens, 5, 6], len(PUBLIC), ALICE))
+    s.submit(message.request)
+    plan = step(s)
+    (admission,) = plan.admissions
+    assert admission.source is None  # in place, in the draft's sequence
+    (chunk,) = plan.chunks
+    assert list(chunk.tokens) == [5, 6]
+    run_to_end(s, message)
+    assert message.finished.usage is not None
+    assert message.finished.usage.draft_tokens == drafted
+    assert s.draft_stats().tokens_used == drafted
+
+
+def test_a_newer_draft_continues_where_the_older_got() -> None:
+    s = make(sequences=2)
+    first = draft_of(prompt(ALICE, length=100))
+    s.submit_draft(first.request)
+    run_to_end(s, first)
+    # The user wrote on: a word more.
+    newer = draft_of(PromptKey([*first.request.key.tokens, 1, 2], len(PUBLIC), ALICE))
+    s.submit_draft(newer.request)
+    plan = step(s)
+    (chunk,) = plan.chunks
+    assert list(chunk.tokens) == [1, 2]
+
+
+def test_drafts_wait_for_requests_and_get_only_what_they_leave() -> None:
+    s = make(sequences=3, batch=512)
+    streaming = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(streaming.request)
+    step(s)
+    draft = draft_of(prompt(ALICE, length=1500))
+    s.submit_draft(draft.request)
+    short = Client(prompt(CAROL, 1, 2))
+    s.submit(short.request)
+    plan = step(s)
+    requests = [c.progress.request for c in plan.chunks]
+    assert requests[:2] == [streaming.request, short.request]  # the draft comes last
+    for _ in range(5):
+        plan = step(s)
+        assert plan.predicted_s <= BOUND_S
+
+
+def test_a_request_that_needs_a_drafts_sequence_stops_the_draft() -> None:
+    s = make(sequences=1)
+    draft = draft_of(prompt(ALICE, length=1000))
+    s.submit_draft(draft.request)
+    step(s)
+    bob = Client(prompt(BOB, 1))
+    s.submit(bob.request)
+    plan = step(s)
+    assert draft.ended
+    assert not draft.failed
+    assert s.draft_stats().dropped == 1
+    assert [p.request for p in plan.released] == [draft.request]
+    # What the draft read is saved before Bob's request takes the sequence over.
+    (save,) = plan.saves
+    assert save.key.owner == ALICE
+    assert [a.progress.request for a in plan.admissions] == [bob.request]
+
+
+def test_a_draft_that_would_evict_someone_is_dropped() -> None:
+    s = make(sequences=1)
+    bob = Client(prompt(BOB, 1))
+    s.submit(bob.request)
+    run_to_end(s, bob)
+    step(s)
+    draft = draft_of(prompt(ALICE, length=10))
+    s.submit_draft(draft.request)
+    plan = step(s)
+    assert plan.admissions == []
+    assert s.draft_stats().dropped == 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from chatbot.models.domain import ChatMessage
@@ -124,6 +124,19 @@ def render(
             public_segments = len(segments)
     segments.append(ASSISTANT_PREFIX)
     return RenderedPrompt(segments, public_segments)
+
+
+def up_to_the_answer(rendered: RenderedPrompt) -> RenderedPrompt:
+    """The prompt without its last segment, which opens the assistant's turn (every prompt
+    format ends so): what a draft of the message reads. The message's own prompt then
+    extends it token for token, the segments being tokenized one by one."""
+    last = len(rendered.segments) - 1
+    return replace(
+        rendered,
+        segments=rendered.segments[:last],
+        public_segments=min(rendered.public_segments, last),
+        markup=rendered.markup - {last},
+    )
 
 
 def prompt_tokens(

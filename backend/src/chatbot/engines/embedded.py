@@ -23,14 +23,15 @@ from pathlib import Path
 import llama_cpp
 
 from chatbot.engines import chat_format, chat_template, model_files
-from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.base import (
+    DraftStatus,
     EngineEvent,
     Finished,
     Generation,
     GenerationRequest,
     SamplingParams,
 )
+from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.batching.cores import CoreShare
 from chatbot.engines.batching.cost import StepCostModel
 from chatbot.engines.batching.requests import Request
@@ -40,7 +41,7 @@ from chatbot.engines.llama_context import LlamaContext
 from chatbot.engines.stops import Stops, request_stops
 from chatbot.kvcache import KVCache, PromptKey, owner_digest
 from chatbot.models.cache import CacheStats, LookupStats
-from chatbot.models.domain import BatchStats, ChatMessage, PromptFormatInfo
+from chatbot.models.domain import BatchStats, ChatMessage, DraftStats, PromptFormatInfo
 from chatbot.models.errors import ContextLengthExceeded, EngineOverloaded, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class EmbeddedEngine(EngineBase):
         self._template_check: chat_template.TemplateCheck | None = None
         self._context: LlamaContext | None = None
         self._scheduler: Scheduler | None = None
+        self._drafts: dict[str, Request] = {}  # the conversation's draft being read
         self._worker: threading.Thread | None = None
 
     async def start(self) -> None:
@@ -307,7 +309,58 @@ class EmbeddedEngine(EngineBase):
         tokens, public_tokens = self.tokenize(prompt)
         return PromptKey(tokens, public_tokens, owner_digest(request.cache_salt))
 
+    async def prefill_draft(self, request: GenerationRequest) -> DraftStatus:
+        if self._kv_cache is None or not request.session:
+            return DraftStatus.UNSUPPORTED  # nothing would be kept for the message to find
+        self._cancel_draft(request.session)
+        prompt = chat_format.up_to_the_answer(
+            self.formatter.render(request.messages, public_messages=request.public_messages)
+        )
+        tokens, public_tokens = self.tokenize(prompt)
+        scheduler = self.scheduler
+        running, waiting = scheduler.counts()
+        if waiting or running >= self._parallel or len(tokens) >= self._context_tokens:
+            return DraftStatus.SKIPPED
+        loop = asyncio.get_running_loop()
+        session = request.session
+
+        def ended(item: EngineEvent | BaseException | None) -> None:
+            if item is None:  # on the worker thread
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody to tell
+                    loop.call_soon_threadsafe(self._forget_draft, session, draft)
+
+        draft = Request(
+            key=PromptKey(tokens, public_tokens, owner_digest(request.cache_salt)),
+            sampling=request.sampling,
+            stops=Stops(),
+            emit=ended,
+            draft=True,
+        )
+        self._drafts[session] = draft
+        scheduler.submit_draft(draft)
+        return DraftStatus.PREFILLING
+
+    async def drop_draft(self, session: str) -> None:
+        self._cancel_draft(session)
+
+    def draft_stats(self) -> DraftStats | None:
+        return self._scheduler.draft_stats() if self._scheduler is not None else None
+
+    def _cancel_draft(self, session: str) -> None:
+        draft = self._drafts.pop(session, None)
+        if draft is not None:
+            draft.cancelled.set()
+            self.scheduler.wake()
+
+    def _forget_draft(self, session: str, draft: Request) -> None:
+        if self._drafts.get(session) is draft:
+            del self._drafts[session]
+
     async def submit(self, request: GenerationRequest) -> Generation:
+        if request.session:
+            # The message its draft read ahead of: the draft stops where it got, and the
+            # message continues from there in the same sequence.
+            self._cancel_draft(request.session)
         key = self.prompt_key(request)
         if len(key.tokens) >= self._context_tokens:
             raise ContextLengthExceeded(

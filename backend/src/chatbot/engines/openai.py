@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 
 from chatbot.engines.base import (
+    DraftStatus,
     Engine,
     EngineEvent,
     Finished,
@@ -118,6 +119,7 @@ class OpenAIEngine(Engine):
         self._ready = False
         self._vllm = False  # what /v1/models says of the server
         self._waiting = 0
+        self._drafts: dict[str, asyncio.Task[None]] = {}  # the conversation's draft in flight
 
     # --- Engine
 
@@ -157,6 +159,10 @@ class OpenAIEngine(Engine):
         self._ready = False
 
     async def submit(self, request: GenerationRequest) -> Generation:
+        if request.session:
+            # The message its draft read ahead of. Left to run, the draft's request would
+            # compute again, beside the message, what the message computes anyway.
+            await self.drop_draft(request.session)
         body = self._body(request)
         headers = {self._affinity_header: affinity_key(request.session)} if request.session else {}
         stops = request_stops(self._format_stops, request.sampling.stop)
@@ -169,6 +175,43 @@ class OpenAIEngine(Engine):
         )
         await generation.send()
         return generation
+
+    async def prefill_draft(self, request: GenerationRequest) -> DraftStatus:
+        """The draft's prompt as a request for one token, discarded, on the conversation's
+        replica (its affinity header): the server's prefix cache and LMCache then hold the
+        draft when the message comes. vLLM renders it without the assistant's opening."""
+        if not request.session:
+            return DraftStatus.UNSUPPORTED
+        await self.drop_draft(request.session)
+        if not self._ready or self._waiting:
+            return DraftStatus.SKIPPED  # the server has requests waiting for a first token
+        body = self._body(request) | {"max_tokens": 1, "stream": False}
+        del body["stream_options"]
+        if self._vllm:
+            body["add_generation_prompt"] = False
+        headers = {self._affinity_header: affinity_key(request.session)}
+        task = asyncio.create_task(self._prefill(body, headers), name="openai-engine-draft")
+        self._drafts[request.session] = task
+        task.add_done_callback(partial(self._forget_draft, request.session))
+        return DraftStatus.PREFILLING
+
+    async def drop_draft(self, session: str) -> None:
+        task = self._drafts.pop(session, None)
+        if task is not None:
+            task.cancel()  # closing the connection aborts the request upstream
+
+    async def _prefill(self, body: dict[str, Any], headers: dict[str, str]) -> None:
+        try:
+            response = await self._send(body, headers)
+            await response.aread()
+            await response.aclose()
+        except (ChatbotError, _Retryable, httpx.HTTPError) as exc:
+            # Nobody waits for a draft: a failed one only means the message reads it all.
+            logger.info("model server: a draft was not read: %s", exc)
+
+    def _forget_draft(self, session: str, task: asyncio.Task[None]) -> None:
+        if self._drafts.get(session) is task:
+            del self._drafts[session]
 
     def _count_waiting(self, change: int) -> None:
         self._waiting += change

@@ -30,6 +30,13 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     pin: bool = False
     """Compute the prompt into a pinned sequence and answer nothing (the public prefix)."""
+    draft: bool = False
+    """Compute the prompt and answer nothing, at the lowest priority: what a user is still
+    writing, read ahead of their message."""
+
+    @property
+    def answers(self) -> bool:
+        return not (self.pin or self.draft)
 
 
 class Phase(Enum):
@@ -55,6 +62,9 @@ class Slot:
     saving: Future[None] | None = None
     """The save of what the sequence held after its last answer, until it is done: the
     sequence is not evicted before, so that no lookup misses a state in between."""
+    drafted_from: int | None = None
+    """Where the tokens a draft computed start, until a message uses them; they are saved
+    only when the sequence is evicted."""
 
     @property
     def key(self) -> PromptKey:
@@ -81,6 +91,8 @@ class Progress:
     next_token: int = -1
     completion: list[int] = field(default_factory=list)
     first_sample_at: float | None = None
+    draft_tokens: int = 0
+    """Of the tokens the sequence held for it at admission, those a draft had computed."""
 
     @property
     def prompt_left(self) -> int:

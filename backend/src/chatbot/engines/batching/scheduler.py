@@ -56,7 +56,7 @@ from chatbot.engines.batching.requests import AnswerText, Phase, Progress, Reque
 from chatbot.kvcache import KVCache, PromptKey, Reuse
 from chatbot.kvcache.keys import shareable_prefix
 from chatbot.models.cache import CacheTier
-from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, Timing, Usage
+from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, DraftStats, Timing, Usage
 from chatbot.models.errors import EngineFailure, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class Scheduler:
         self._pins = [Slot(sequences + i, pinned=True) for i in range(PINNED_SEQUENCES)]
         self._by_seq = {slot.seq_id: slot for slot in (*self._slots, *self._pins)}
         self._waiting: deque[Request] = deque()
+        self._drafts: deque[Request] = deque()  # admitted only when no request waits
+        self._draft_stats = DraftStats()
         self._running: list[Progress] = []  # in admission order
         self._pending = StepPlan()  # what the last update left for the next step to carry out
         self._lock = threading.Condition()
@@ -138,6 +140,15 @@ class Scheduler:
             self._waiting.append(request)
             self._wake()
 
+    def submit_draft(self, request: Request) -> None:
+        """Read ``request`` (a draft) when no request waits and a sequence is free without
+        evicting anyone's; else it is dropped."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._drafts.append(request)
+            self._wake()
+
     def withdraw(self, request: Request) -> bool:
         """Take back a request still waiting for a sequence; False once it has one."""
         with self._lock:
@@ -161,9 +172,13 @@ class Scheduler:
             return never_started
 
     def counts(self) -> tuple[int, int]:
-        """(running, waiting) requests; a public prefix being computed is not one."""
+        """(running, waiting) requests; a public prefix or a draft being read is not one."""
         with self._lock:
             return self._answering(), len(self._waiting)
+
+    def draft_stats(self) -> DraftStats:
+        with self._lock:
+            return self._draft_stats
 
     def stats(self) -> BatchStats:
         with self._lock:
@@ -177,7 +192,7 @@ class Scheduler:
         self._lock.notify()
 
     def _answering(self) -> int:
-        return sum(1 for p in self._running if not p.request.pin)
+        return sum(1 for p in self._running if p.request.answers)
 
     # -- the worker thread: plan --------------------------------------------------------------
 
@@ -185,7 +200,9 @@ class Scheduler:
         """The next step's plan, once there is something to do; None once stopped."""
         while True:
             with self._lock:
-                while not (self._stopping or self._waiting or self._running or self._woken):
+                while not (
+                    self._stopping or self._waiting or self._drafts or self._running or self._woken
+                ):
                     self._lock.wait()
                 self._woken = False
                 if self._stopped:
@@ -207,6 +224,7 @@ class Scheduler:
             self._release(progress, plan, save=True)
         self._load_fetched(plan)
         self._admit(plan)
+        self._admit_drafts(plan)
         self._batch(plan)
         return plan
 
@@ -228,6 +246,8 @@ class Scheduler:
             max_new = self._max_new(request)
             evicted = self._make_room(request, max_new, slot) if slot is not None else None
             if slot is None or evicted is None:
+                if self._drop_running_drafts(plan):
+                    continue  # their sequences and cells are free now: try again
                 return
             with self._lock:
                 self._waiting.popleft()
@@ -239,8 +259,44 @@ class Scheduler:
                 logger.exception("admitting a request failed")
                 self._fail_admission(request, slot, exc)
 
+    def _admit_drafts(self, plan: StepPlan) -> None:
+        """Drafts, once no request waits: each on its conversation's own idle sequence or an
+        empty one, where the pool has room without evicting anything. A draft that cannot be
+        read now is dropped: a newer one follows as the user writes on."""
+        while True:
+            with self._lock:
+                if self._waiting or not self._drafts:
+                    return
+                request = self._drafts.popleft()
+            if request.cancelled.is_set():
+                continue
+            slot = self._choose_slot(request)
+            room = self._make_room(request, 0, slot) if slot is not None else None
+            if slot is None or room != [] or (slot.tokens and slot.owner != request.key.owner):
+                self._count_draft(dropped=1)
+                continue
+            try:
+                self._start(request, slot, 0, plan)
+            except Exception as exc:
+                logger.exception("admitting a draft failed")
+                self._fail_admission(request, slot, exc)
+
+    def _drop_running_drafts(self, plan: StepPlan) -> bool:
+        """A request needs what drafts hold: stop them, keeping what they computed."""
+        drafts = [p for p in self._running if p.request.draft]
+        for progress in drafts:
+            self._release(progress, plan, save=False)
+        return bool(drafts)
+
+    def _count_draft(self, **counts: int) -> None:
+        with self._lock:
+            s = self._draft_stats
+            self._draft_stats = replace(
+                s, **{name: getattr(s, name) + n for name, n in counts.items()}
+            )
+
     def _max_new(self, request: Request) -> int:
-        if request.pin:
+        if not request.answers:
             return 0
         return min(request.sampling.max_tokens, self._sequence_tokens - len(request.key.tokens))
 
@@ -285,6 +341,9 @@ class Scheduler:
         return evicted if running + held + need <= self._pool_tokens else None
 
     def _evict(self, slot: Slot, plan: StepPlan) -> None:
+        if slot.drafted_from is not None:
+            self._save(slot, plan)  # what a draft read is saved only now
+            slot.drafted_from = None
         plan.evictions.append(slot.seq_id)
         slot.tokens = array("i")
         slot.borrowed = 0
@@ -295,12 +354,16 @@ class Scheduler:
         progress = Progress(
             request, slot, max_new, admitted_at=time.perf_counter(), text=AnswerText(request.stops)
         )
+        if slot.drafted_from is not None and slot.owner != key.owner:
+            self._save(slot, plan)  # another conversation's draft, read but not yet saved
         keep, source = self._resident_prefix(slot, key) if self._kv_cache else (0, None)
         plan.admissions.append(Admission(progress, keep, source.seq_id if source else None))
         if source is not None:
             slot.borrowed = keep if source.pinned else min(source.borrowed, keep)
+            slot.drafted_from = None
         else:
             slot.borrowed = min(slot.borrowed, keep)
+            self._take_drafted(progress, slot, keep)
         slot.tokens = array("i", key.tokens[:keep])
         slot.owner, slot.public_tokens = key.owner, key.public_tokens
         slot.progress = progress
@@ -311,12 +374,25 @@ class Scheduler:
             return
         restore = self._kv_cache.find(key, keep)
         if restore is None:
-            self._kv_cache.count(key, progress.reuse)
+            self._count(progress)
             return
         progress.phase = Phase.RESTORING
         progress.restore = restore
         progress.fetched = self._kv_cache.fetch(restore)
         progress.fetched.add_done_callback(lambda _: self.wake())
+
+    def _take_drafted(self, progress: Progress, slot: Slot, keep: int) -> None:
+        """The sequence keeps its first ``keep`` tokens for ``progress``: a draft goes on
+        computing after them; a message takes what drafts computed among them."""
+        drafted_from = min(slot.drafted_from, keep) if slot.drafted_from is not None else None
+        if progress.request.draft:
+            slot.drafted_from = keep if drafted_from is None else drafted_from
+            return
+        if drafted_from is not None:
+            progress.draft_tokens = keep - drafted_from
+            if progress.draft_tokens:
+                self._count_draft(tokens_used=progress.draft_tokens)
+        slot.drafted_from = None
 
     def _resident_prefix(self, slot: Slot, key: PromptKey) -> tuple[int, Slot | None]:
         """The longest prefix of ``key`` that a resident sequence holds and ``key``'s owner
@@ -362,10 +438,17 @@ class Scheduler:
                 shape.add(start, 1)
                 tokens_left -= 1
         plan.decode_tokens = len(plan.chunks)
+        # Drafts last: they get only what the others leave, and never an unbounded step, so
+        # that a message arriving meanwhile waits at most one bounded step.
         prefilling = sorted(
-            (p for p in self._running if p.phase is Phase.PREFILL), key=lambda p: p.prompt_left
+            (p for p in self._running if p.phase is Phase.PREFILL),
+            key=lambda p: (p.request.draft, p.prompt_left),
         )
-        bounded = plan.decode_tokens > 0 or len(prefilling) > 1
+        bounded = (
+            plan.decode_tokens > 0
+            or len(prefilling) > 1
+            or any(p.request.draft for p in prefilling)
+        )
         for progress in prefilling:
             if tokens_left <= 0:
                 break
@@ -373,13 +456,15 @@ class Scheduler:
             n = min(progress.prompt_left, tokens_left)
             if bounded:
                 fits = self.cost.max_chunk(shape, start, self.step_bound_s)
-                first = len(plan.chunks) == plan.decode_tokens
+                first = not plan.chunks
+                if not progress.request.draft:
+                    first = len(plan.chunks) == plan.decode_tokens
                 n = min(n, max(fits, MIN_CHUNK if first else 0))
                 if n <= 0:
                     break
             tokens = progress.request.key.tokens[start : start + n]
             ends = start + n == len(progress.request.key.tokens)
-            plan.chunks.append(Chunk(progress, start, tokens, ends and not progress.request.pin))
+            plan.chunks.append(Chunk(progress, start, tokens, ends and progress.request.answers))
             shape.add(start, n)
             tokens_left -= n
         plan.shape = shape
@@ -416,12 +501,12 @@ class Scheduler:
         if evaluated:
             self._record_step(plan, output.elapsed_s)
         for chunk in evaluated:
-            slot = chunk.progress.slot
-            slot.tokens.extend(chunk.tokens)
-            if chunk.progress.request.pin and len(slot.tokens) == len(
-                chunk.progress.request.key.tokens
-            ):
-                self._finish(chunk.progress, "stop")
+            progress = chunk.progress
+            progress.slot.tokens.extend(chunk.tokens)
+            if progress.request.draft:
+                self._count_draft(tokens=len(chunk.tokens))
+            if not progress.request.answers and progress.prompt_left == 0:
+                self._finish(progress, "stop")
         for progress, token in output.sampled.items():
             if progress in self._running:
                 self._sampled(progress, token)
@@ -489,8 +574,11 @@ class Scheduler:
             cached_tokens=progress.reuse.tokens,
             completion_tokens=len(progress.completion),
             cache_tier=progress.reuse.tier,
+            draft_tokens=progress.draft_tokens,
         )
         request.emit(Finished(usage=usage, timing=timing, finish_reason=reason))
+        if request.draft:
+            self._count_draft(prefilled=1)
         self._release(progress, self._pending, save=True)
 
     def _release(self, progress: Progress, plan: StepPlan, *, save: bool) -> None:
@@ -503,19 +591,20 @@ class Scheduler:
         slot = progress.slot
         slot.progress = None
         slot.used_at = self._stats.steps
-        key = progress.request.key
-        if (
-            save
-            and self._kv_cache is not None
-            and not progress.request.pin
-            and progress.phase is not Phase.RESTORING
-            and self._kv_cache.worth_saving(len(slot.tokens))
-        ):
-            held = PromptKey(
-                array("i", slot.tokens), min(key.public_tokens, len(slot.tokens)), key.owner
-            )
-            plan.saves.append(Save(slot.seq_id, held))
-            slot.saving = Future()  # until the runner hands over the real one
+        if progress.request.draft:
+            if progress.prompt_left:
+                self._count_draft(dropped=1)
+            return  # saved only when evicted: the next draft may replace it first
+        if save and progress.request.answers and progress.phase is not Phase.RESTORING:
+            self._save(slot, plan)
+
+    def _save(self, slot: Slot, plan: StepPlan) -> None:
+        """Copy what ``slot`` holds out at the start of ``plan``'s step, to save it."""
+        if self._kv_cache is None or not self._kv_cache.worth_saving(len(slot.tokens)):
+            return
+        public = min(slot.public_tokens, len(slot.tokens))
+        plan.saves.append(Save(slot.seq_id, PromptKey(array("i", slot.tokens), public, slot.owner)))
+        slot.saving = Future()  # until the runner hands over the real one
 
     def _fail(self, progresses: Sequence[Progress]) -> None:
         """The context failed under these requests: their sequences' contents are unknown."""
@@ -538,7 +627,8 @@ class Scheduler:
         self._evict(slot, self._pending)
 
     def _count(self, progress: Progress) -> None:
-        if self._kv_cache is not None:
+        """A prompt's lookup, for the hit rates; a draft's is not one (its message's is)."""
+        if self._kv_cache is not None and not progress.request.draft:
             self._kv_cache.count(progress.request.key, progress.reuse)
 
     def _resident(self) -> list[Slot]:

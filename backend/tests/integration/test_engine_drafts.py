@@ -1,0 +1,138 @@
+"""Drafts on the real model: what the embedded engine reads while a user is still writing
+is what their message's prompt then finds in the cache, the answer is the same as without
+it, and a draft never serves anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from chatbot.engines.base import (
+    DraftStatus,
+    Finished,
+    GenerationRequest,
+    SamplingParams,
+    TokenDelta,
+)
+from chatbot.engines.embedded import EmbeddedEngine, state_namespace
+from chatbot.kvcache import KVCache
+from chatbot.models.domain import ChatMessage, Usage
+from tests.waiting import wait_until
+
+GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0)
+SYSTEM = ChatMessage(role="system", content="You are a helpful assistant.")
+DOCUMENT = (
+    "Here are my notes from the trip. We left Lyon early on Monday, drove through the Alps "
+    "and reached Turin by noon. The museum of cinema was closed, so we walked along the Po "
+    "and ate at a small trattoria near the station. On Tuesday we took the train to Genoa, "
+    "saw the aquarium, and spent the evening in the old port. "
+) * 3
+MESSAGE = DOCUMENT + "Where did we eat on Monday?"
+
+
+def engine(model_path: Path) -> EmbeddedEngine:
+    cache = KVCache(namespace=state_namespace(model_path), chunk_tokens=64, ram_bytes=1024**3)
+    return EmbeddedEngine(
+        model_path,
+        model_id="test",
+        context_tokens=2048,
+        batch_tokens=256,
+        threads=2,
+        parallel=2,
+        pool_tokens=8192,
+        queue_size=4,
+        few_shot=True,
+        kv_cache=cache,
+    )
+
+
+def request(text: str, user: str, session: str) -> GenerationRequest:
+    return GenerationRequest(
+        messages=(SYSTEM, ChatMessage(role="user", content=text)),
+        sampling=GREEDY_16,
+        cache_salt=user,
+        public_messages=1,
+        session=session,
+    )
+
+
+async def answer(running: EmbeddedEngine, text: str, user: str, session: str) -> tuple[str, Usage]:
+    pieces: list[str] = []
+    usage: Usage | None = None
+    async with await running.submit(request(text, user, session)) as generation:
+        async for event in generation:
+            if isinstance(event, TokenDelta):
+                pieces.append(event.text)
+            elif isinstance(event, Finished):
+                usage = event.usage
+    assert usage is not None
+    return "".join(pieces), usage
+
+
+async def drafted(running: EmbeddedEngine, text: str, user: str, session: str) -> None:
+    """Send a draft and wait until the engine has read it to its end."""
+    before = running.draft_stats()
+    assert before is not None
+    status = await running.prefill_draft(request(text, user, session))
+    assert status is DraftStatus.PREFILLING
+    await asyncio.to_thread(
+        wait_until,
+        lambda: (stats := running.draft_stats()) is not None and stats.prefilled > before.prefilled,
+        timeout=120,
+    )
+
+
+def test_a_draft_is_what_the_message_finds_and_the_answer_is_the_same(model_path: Path) -> None:
+    async def run() -> None:
+        running = engine(model_path)
+        await running.start()
+        try:
+            cold_text, cold = await answer(running, MESSAGE, "alice", "conv-a")
+            assert cold.draft_tokens == 0
+            # Bob writes the same message; the draft stops short of its last words.
+            await drafted(running, MESSAGE[: -len("on Monday?")], "bob", "conv-b")
+            text, usage = await answer(running, MESSAGE, "bob", "conv-b")
+            assert text == cold_text  # greedy: the same answer with and without a draft
+            assert usage.draft_tokens > usage.prompt_tokens // 2
+            assert usage.prompt_tokens - usage.cached_tokens < 10  # the last words, no more
+            stats = running.draft_stats()
+            assert stats is not None
+            assert stats.tokens_used == usage.draft_tokens
+        finally:
+            await running.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_draft_never_serves_another_user(model_path: Path) -> None:
+    async def run() -> None:
+        running = engine(model_path)
+        await running.start()
+        try:
+            await drafted(running, MESSAGE, "alice", "conv-a")
+            # Carol sends exactly what Alice drafted: only the public preamble is shared.
+            _, usage = await answer(running, MESSAGE, "carol", "conv-c")
+            assert usage.draft_tokens == 0
+            assert usage.cached_tokens < usage.prompt_tokens // 3
+        finally:
+            await running.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_newer_draft_computes_only_what_changed(model_path: Path) -> None:
+    async def run() -> None:
+        running = engine(model_path)
+        await running.start()
+        try:
+            await drafted(running, DOCUMENT, "alice", "conv-a")
+            first = running.draft_stats()
+            assert first is not None
+            await drafted(running, DOCUMENT + "Where did we", "alice", "conv-a")
+            second = running.draft_stats()
+            assert second is not None
+            assert 0 < second.tokens - first.tokens < 10
+        finally:
+            await running.aclose()
+
+    asyncio.run(run())
