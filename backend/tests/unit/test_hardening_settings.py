@@ -56,8 +56,9 @@ def test_prometheus_in_compose_scrapes_the_chatbot_with_its_metrics_token() -> N
     # Prometheus gets the same variable and writes it where its scrape reads the token
     # (relative to prometheus.yml), into a tmpfs: the two cannot differ, nothing is stored.
     prometheus = services["prometheus"]
-    assert env_map(prometheus["environment"])["CHATBOT_METRICS_TOKEN"] == (
-        chatbot_env["CHATBOT_METRICS_TOKEN"]
+    assert (
+        env_map(prometheus["environment"])["CHATBOT_METRICS_TOKEN"]
+        == (chatbot_env["CHATBOT_METRICS_TOKEN"])
     )
     assert "/etc/prometheus/secrets" in prometheus["tmpfs"]
     assert "> /etc/prometheus/secrets/chatbot_metrics_token" in " ".join(prometheus["entrypoint"])
