@@ -22,13 +22,17 @@ DASHBOARD = DEPLOY_DIR / "grafana" / "dashboards" / "chatbot.json"
 
 # Metric families by Prometheus type, as registered (before exposition suffixes).
 
-# backend/src/chatbot/observability/metrics.py; chatbot_kv_* only exist on the embedded engine.
+# backend/src/chatbot/observability/metrics.py; chatbot_kv_* and chatbot_engine_* only exist
+# on the embedded engine.
 CHATBOT_FAMILIES: dict[str, str] = {
     "chatbot_ttft_seconds": "histogram",
     "chatbot_prefill_seconds": "histogram",
     "chatbot_prompt_tokens": "counter",
     "chatbot_cached_tokens": "counter",
     "chatbot_completion_tokens": "counter",
+    "chatbot_draft_hit_tokens": "counter",
+    "chatbot_drafts_received": "counter",
+    "chatbot_drafts_skipped": "counter",
     "chatbot_generations": "counter",
     "chatbot_prefix_breaks": "counter",
     "chatbot_requests": "counter",
@@ -42,6 +46,10 @@ CHATBOT_FAMILIES: dict[str, str] = {
     "chatbot_engine_step_seconds": "histogram",
     "chatbot_engine_predicted_step_seconds": "counter",
     "chatbot_engine_step_bound_seconds": "gauge",
+    "chatbot_engine_drafts_prefilled": "counter",
+    "chatbot_engine_drafts_dropped": "counter",
+    "chatbot_engine_draft_tokens": "counter",
+    "chatbot_engine_draft_tokens_used": "counter",
     "chatbot_kv_lookups": "counter",
     "chatbot_kv_requested_tokens": "counter",
     "chatbot_kv_hits": "counter",

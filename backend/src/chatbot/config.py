@@ -326,6 +326,25 @@ class Settings(BaseSettings):
     requests_per_minute: int = Field(
         default=120, ge=1, description="Requests per user per minute, in bursts of as many."
     )
+    tokens_per_minute: int = Field(
+        default=200_000,
+        ge=1,
+        description="Tokens the engine may compute for one user per minute, in bursts of as "
+        "many: prompt tokens not served from the cache, tokens generated, and what drafts "
+        "read. Past it, answers get 429 token_budget_exhausted and drafts are skipped.",
+    )
+    drafts: bool = Field(
+        default=True,
+        description="Read ahead what users are writing (PUT /v1/conversations/{id}/draft); "
+        "false: every draft is answered as skipped (disabled) and nothing is computed.",
+    )
+    max_drafts_per_user: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Conversations of one user whose drafts the engine may hold at once; a "
+        "draft in one more drops the user's oldest.",
+    )
     max_message_chars: int = Field(default=32_000, ge=1)
     max_conversation_messages: int = Field(
         default=1000, ge=2, description="Messages a conversation may hold, answers included."

@@ -10,6 +10,7 @@ conversation; a short message of Alice's never serves Dave from the cache):
 - a long message (several hashed chunks) of Alice's gives Bob no cache hit beyond the public
   preamble, from the live context or from RAM, on the native API and on the OpenAI API with
   the official client (with the server's system prompt or a client's own);
+- nor does a long draft of Alice's, read while she was writing and never sent;
 - every route that needs a key answers 401 with a JSON error without one, or with a wrong
   one, whether or not the conversation named exists.
 """
@@ -57,6 +58,8 @@ def operations(conversation_id: str) -> list[tuple[str, str, dict[str, Any] | No
         ("GET", f"{path}/messages", None),
         ("POST", f"{path}/messages", {"content": "hello there"}),
         ("POST", f"{path}/messages", {"content": "hello there", "stream": False}),
+        ("PUT", f"{path}/draft", {"content": "hello there"}),
+        ("DELETE", f"{path}/draft", None),
     ]
 
 
@@ -210,6 +213,36 @@ def test_alices_long_message_gives_bob_no_hit_beyond_the_public_preamble(
     assert bob_again["cached_tokens"] > shared + SEVERAL_CHUNKS
 
 
+def test_alices_draft_gives_bob_no_hit_beyond_the_public_preamble(
+    live_server: LiveServer,
+) -> None:
+    shared = public_tokens(live_server)
+    engine = live_server.state.engine
+
+    def usage(client: httpx.Client, conversation_id: str, words: str) -> dict[str, Any]:
+        end = stream_turn(client, conversation_id, words, max_tokens=4)[-1][1]
+        spent: dict[str, Any] = end["usage"]
+        return spent
+
+    with live_server.client() as alice, live_server.client(BOB_KEY) as bob:
+        hers = new_conversation(alice)
+        usage(alice, hers, "Good morning.")  # her conversation now holds the sequence
+        before = engine.draft_stats()
+        assert before is not None
+        drafted = alice.put(f"/v1/conversations/{hers}/draft", json={"content": LONG_A})
+        assert drafted.json()["status"] == "prefilling", drafted.text
+        wait_until(lambda: (engine.draft_stats() or before).prefilled > before.prefilled)
+        from_draft = usage(bob, new_conversation(bob), LONG_A)
+        nobodys = usage(bob, new_conversation(bob), NOBODYS)
+        # Her draft, saved when Bob took the sequence, serves her own message.
+        alices = usage(alice, hers, LONG_A)
+
+    assert from_draft["draft_tokens"] == 0
+    assert shared <= from_draft["cached_tokens"] <= nobodys["cached_tokens"]
+    assert nobodys["cached_tokens"] < shared + SEVERAL_CHUNKS
+    assert alices["cached_tokens"] > shared + SEVERAL_CHUNKS
+
+
 @pytest.fixture
 def openai_clients(live_server: LiveServer) -> Iterator[tuple[openai.OpenAI, openai.OpenAI]]:
     base = f"{live_server.url}/v1"
@@ -293,6 +326,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "conversations"): {"title": "x"},
     ("PATCH", "conversations"): {"title": "x"},
     ("POST", "messages"): {"content": "hi"},
+    ("PUT", "draft"): {"content": "hi"},
     ("POST", "completions"): {"model": "any", "messages": [{"role": "user", "content": "hi"}]},
 }
 

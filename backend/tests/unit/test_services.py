@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from chatbot.agents.layout import kept_messages
 from chatbot.models.domain import Message, MessageStatus
 from chatbot.models.errors import RateLimited, ServiceUnavailable
-from chatbot.services.limits import RequestRateLimiter, StreamLimiter
+from chatbot.services.drafts import FIRST_DRAFT_TOKENS, HeldDraft, estimated_tokens
+from chatbot.services.limits import RequestRateLimiter, StreamLimiter, TokenBudget
 
 
 def message(role: str, content: str, status: MessageStatus = MessageStatus.COMPLETE) -> Message:
@@ -73,3 +76,34 @@ def test_request_rate_limiter_refills_over_the_minute() -> None:
         limiter.check("alice")
     with pytest.raises(RateLimited):
         limiter.check("alice")
+
+
+def test_token_budget_refuses_once_spent_and_a_debt_is_paid_back_by_the_refill() -> None:
+    now = [0.0]
+    budget = TokenBudget(per_minute=600, clock=lambda: now[0])  # 10 tokens a second
+    budget.check("alice")
+    budget.charge("alice", 900)  # an answer is charged once done: the balance goes below 0
+    with pytest.raises(RateLimited) as refused:
+        budget.check("alice")
+    assert refused.value.code == "token_budget_exhausted"
+    assert refused.value.retry_after == 31  # -300 → above 0
+    budget.check("bob")  # others keep their own budget
+    assert not budget.try_charge("alice", 1)
+    now[0] = 31.0
+    budget.check("alice")
+    assert not budget.try_charge("alice", 11)  # a draft is charged only if it fits
+    assert budget.try_charge("alice", 10)
+    budget.charge("alice", -10)  # and given back when the engine did not read it
+    now[0] = 10_000.0
+    assert budget.try_charge("alice", 600)  # a long pause refills it, only to its size
+    assert not budget.try_charge("alice", 1)
+
+
+def test_a_draft_is_estimated_at_what_it_adds_to_the_previous_one() -> None:
+    first = "Where did we eat on Monday"
+    assert estimated_tokens(None, first) == math.ceil(len(first) / 3) + FIRST_DRAFT_TOKENS
+    held = HeldDraft.of(first, at=0.0)
+    assert estimated_tokens(held, first + "?") == 2  # one character, and the last token again
+    assert estimated_tokens(held, first) == 1
+    edited = "Where did we dine on Monday?"  # not an extension: all of it is read again
+    assert estimated_tokens(held, edited) == math.ceil(len(edited) / 3) + 1

@@ -80,6 +80,14 @@ class TurnControl:
 
 
 @dataclass(frozen=True, slots=True)
+class NextTurn:
+    """What a message would get if it were sent now: its agent and its prompt."""
+
+    route: Route
+    prompt: layout.Prompt
+
+
+@dataclass(frozen=True, slots=True)
 class TurnContext:
     """What a run needs that is not conversation state (never checkpointed)."""
 
@@ -174,6 +182,19 @@ class TurnGraph:
         logger.info("a turn interrupted by a stopped server was recorded as failed")
         return answer
 
+    def next_turn(
+        self, state: ConversationState, content: str, pinned: AgentName | None
+    ) -> NextTurn | None:
+        """The agent and prompt that a message with ``content`` would get from ``state`` (no
+        turn running), laid out by the turn's own steps: the route as the rules pick it (the
+        model router's pick is known only once it has answered), then the agent's prompt.
+        None when a compaction would come first: the prompt then starts with a summary
+        not yet written."""
+        if self._needs_compaction(state, content):
+            return None
+        route = self._rules_route(state, content, pinned)
+        return NextTurn(route=route, prompt=self._layout(route.agent, state, content))
+
     async def prune(self, thread_id: str) -> None:
         """Drop every checkpoint of the conversation but its latest (its state)."""
         await self.checkpointer.aprune([thread_id], strategy="keep_latest")
@@ -188,11 +209,8 @@ class TurnGraph:
     ) -> dict[str, Any]:
         question = _pending(state)
         context = runtime.context
-        if context.pinned is not None:
-            return {"route": Route(agent=context.pinned, reason="pinned")}
-        previous = state.get("route")
-        rules = self._rules.route(question.content, previous.agent if previous else None)
-        if self._router is RouterKind.RULES:
+        rules = self._rules_route(state, question.content, context.pinned)
+        if context.pinned is not None or self._router is RouterKind.RULES:
             return {"route": rules}
         prompt, public = routing_prompt(question.content)
         try:
@@ -207,23 +225,30 @@ class TurnGraph:
             return {"route": rules.model_copy(update={"reason": f"{rules.reason} (rules)"})}
         return {"route": Route(agent=agent, reason=f"the model chose {agent.value}")}
 
+    def _rules_route(
+        self, state: ConversationState, question: str, pinned: AgentName | None
+    ) -> Route:
+        if pinned is not None:
+            return Route(agent=pinned, reason="pinned")
+        previous = state.get("route")
+        return self._rules.route(question, previous.agent if previous else None)
+
     # The edges' path functions are coroutines although they never wait: LangGraph runs a
     # plain function of an async graph on a worker thread, a thread hop per edge and turn.
     async def _after_route(self, state: ConversationState) -> str:
         if state.get("pending") is None:
             return END
-        if self._needs_compaction(state):
+        if self._needs_compaction(state, _pending(state).content):
             return "compact"
         return _route_of(state).agent.value
 
-    def _needs_compaction(self, state: ConversationState) -> bool:
-        question = _pending(state)
+    def _needs_compaction(self, state: ConversationState, question: str) -> bool:
         kept = layout.kept_messages(state.get("messages", []))
         summary = state.get("summary")
         covered = summary.covers if summary else 0
         expected = (
             state.get("context_tokens", 0)
-            + len(question.content) // CHARS_PER_TOKEN
+            + len(question) // CHARS_PER_TOKEN
             + 32  # the instruction line and the turn's markers
         )
         compact_at = int(self._compact_share * self._model.context_tokens)
@@ -286,12 +311,13 @@ class TurnGraph:
         self, agent: AgentName, state: ConversationState, question: Message
     ) -> layout.Prompt:
         """The turn's prompt, counting a prefix break if it does not extend the last one."""
-        messages = state.get("messages", [])
-        prompt = layout.turn_prompt(
-            self.preamble, messages, state.get("summary"), agent, question.content
-        )
+        prompt = self._layout(agent, state, question.content)
         self._check_prefix(state, prompt.messages, agent)
         return prompt
+
+    def _layout(self, agent: AgentName, state: ConversationState, question: str) -> layout.Prompt:
+        messages = state.get("messages", [])
+        return layout.turn_prompt(self.preamble, messages, state.get("summary"), agent, question)
 
     async def _admit(
         self,

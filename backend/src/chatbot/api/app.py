@@ -27,8 +27,14 @@ from chatbot.observability.tracing import Tracer
 from chatbot.persistence.storage import open_storage
 from chatbot.services.completions import CompletionService
 from chatbot.services.conversations import ConversationService
+from chatbot.services.drafts import DraftService
 from chatbot.services.generation import GenerationService
-from chatbot.services.limits import AcceptQueue, RequestRateLimiter, StreamLimiter
+from chatbot.services.limits import (
+    AcceptQueue,
+    RequestRateLimiter,
+    StreamLimiter,
+    TokenBudget,
+)
 from chatbot.web import install_page
 
 
@@ -65,11 +71,14 @@ def create_app(
             metrics.watch_queue(lambda: running.queue_depth)
             metrics.watch_kv_cache(running.cache_stats)
             metrics.watch_batches(running.batch_stats)
+            metrics.watch_drafts(running.draft_stats)
+            budget = TokenBudget(settings.tokens_per_minute)
             generations = GenerationService(
                 running,
                 settings,
                 metrics,
                 StreamLimiter(settings.max_streams_per_user, settings.max_streams),
+                budget,
             )
             graph = TurnGraph(settings, documents, storage.checkpointer, metrics, generations)
             # The preambles every conversation starts with (the agents', with the documents;
@@ -78,7 +87,10 @@ def create_app(
             server_prompt = ChatMessage(role="system", content=settings.system_prompt)
             for preamble in dict.fromkeys((graph.preamble, server_prompt)):
                 await running.warm((preamble,))
-            conversations = ConversationService(storage.index, generations, graph, tracer, settings)
+            drafts = DraftService(storage.index, graph, generations, budget, metrics, settings)
+            conversations = ConversationService(
+                storage.index, generations, graph, tracer, settings, drafts
+            )
             # Turns cut short at shutdown are stored before the store closes.
             stack.push_async_callback(conversations.aclose)
             app.state.chatbot = AppState(
@@ -86,9 +98,11 @@ def create_app(
                 metrics=metrics,
                 engine=running,
                 conversations=conversations,
+                drafts=drafts,
                 completions=CompletionService(generations, settings),
                 tracer=tracer,
                 rate_limiter=RequestRateLimiter(settings.requests_per_minute),
+                draft_rate_limiter=RequestRateLimiter(settings.requests_per_minute),
                 accept_queue=accept_queue,
                 drain=drain,
             )
@@ -112,7 +126,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )

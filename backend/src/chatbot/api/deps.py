@@ -19,6 +19,7 @@ from chatbot.observability.metrics import Metrics
 from chatbot.observability.tracing import Tracer
 from chatbot.services.completions import CompletionService
 from chatbot.services.conversations import ConversationService
+from chatbot.services.drafts import DraftService
 from chatbot.services.limits import AcceptQueue, RequestRateLimiter
 
 
@@ -30,9 +31,13 @@ class AppState:
     metrics: Metrics
     engine: Engine
     conversations: ConversationService
+    drafts: DraftService
     completions: CompletionService
     tracer: Tracer
     rate_limiter: RequestRateLimiter
+    draft_rate_limiter: RequestRateLimiter
+    """Drafts have a bucket of their own, at the same rate: a user typing never spends the
+    requests their messages need."""
     accept_queue: AcceptQueue | None = None
     """The listening socket's accept queue, when the app knows its socket."""
     drain: Drain = field(default_factory=Drain)
@@ -65,9 +70,24 @@ async def get_current_user(
     state: Annotated[AppState, Depends(get_state)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
+    user = _authenticated(state, credentials)
+    state.rate_limiter.check(user)
+    return user
+
+
+async def get_drafting_user(
+    state: Annotated[AppState, Depends(get_state)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The caller, as ``get_current_user``, counted against the drafts' rate instead."""
+    user = _authenticated(state, credentials)
+    state.draft_rate_limiter.check(user)
+    return user
+
+
+def _authenticated(state: AppState, credentials: HTTPAuthorizationCredentials | None) -> str:
     keys = state.settings.api_keys
     if not keys:
-        state.rate_limiter.check(LOCAL_USER)
         return LOCAL_USER
     if credentials is None:
         raise AuthenticationFailed(
@@ -78,7 +98,6 @@ async def get_current_user(
     user = state.key_index.get(_key_digest(credentials.credentials.encode()))
     if user is None:
         raise AuthenticationFailed("the API key is not valid")
-    state.rate_limiter.check(user)
     return user
 
 
@@ -127,12 +146,18 @@ async def _conversations(state: Annotated[AppState, Depends(get_state)]) -> Conv
     return state.conversations
 
 
+async def _drafts(state: Annotated[AppState, Depends(get_state)]) -> DraftService:
+    return state.drafts
+
+
 async def _completions(state: Annotated[AppState, Depends(get_state)]) -> CompletionService:
     return state.completions
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
 CurrentUser = Annotated[str, Depends(get_current_user)]
+DraftingUser = Annotated[str, Depends(get_drafting_user)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 ConversationsDep = Annotated[ConversationService, Depends(_conversations)]
+DraftsDep = Annotated[DraftService, Depends(_drafts)]
 CompletionsDep = Annotated[CompletionService, Depends(_completions)]

@@ -146,6 +146,23 @@ class Message(BaseModel):
     question are left out of later prompts."""
 
 
+class DraftState(StrEnum):
+    PREFILLING = "prefilling"
+    SKIPPED = "skipped"
+
+
+class DraftSkipReason(StrEnum):
+    """Why nothing is computed for a draft (see ``DraftOut.reason``)."""
+
+    DISABLED = "disabled"
+    UNSUPPORTED = "unsupported"
+    ENGINE_BUSY = "engine_busy"
+    TOKEN_BUDGET = "token_budget"  # noqa: S105 (a reason, not a secret)
+    TURN_IN_PROGRESS = "turn_in_progress"
+    COMPACTION = "compaction"
+    SUPERSEDED = "superseded"
+
+
 @dataclass(frozen=True, slots=True)
 class DraftStats:
     """What an engine did with drafts: prompts read while their user was still writing."""

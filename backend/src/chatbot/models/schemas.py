@@ -12,6 +12,8 @@ from chatbot.models.cache import CacheStats, LookupStats
 from chatbot.models.domain import (
     AUTO,
     AgentName,
+    DraftSkipReason,
+    DraftState,
     MessageStatus,
     PromptFormatInfo,
     Role,
@@ -154,16 +156,25 @@ class ConversationList(BaseModel):
     has_more: bool = Field(description="Pass the last id as `after` to get the next page.")
 
 
-class MessageCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    content: Annotated[str, BeforeValidator(_text), AfterValidator(_non_blank)] = Field(
+MessageContent = Annotated[
+    str,
+    BeforeValidator(_text),
+    AfterValidator(_non_blank),
+    Field(
         min_length=1,
         description="Not blank (some character is not white space), no control character "
         "but tab, line feed and carriage return, at most CHATBOT_MAX_MESSAGE_CHARS "
         "characters (more: 413 message_too_large).",
         json_schema_extra={"pattern": NON_BLANK_PATTERN},
-    )
+    ),
+]
+"""What a user writes: a message, or a draft of one."""
+
+
+class MessageCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: MessageContent
     stream: bool = Field(default=True, strict=True)
     max_tokens: PositiveInteger | None = Field(default=None, description=_MAX_TOKENS_DOC)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, strict=True)
@@ -172,6 +183,33 @@ class MessageCreate(BaseModel):
     )
     presence_penalty: float | None = Field(
         default=None, ge=-2.0, le=2.0, strict=True, description=_PRESENCE_PENALTY_DOC
+    )
+
+
+class DraftCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: MessageContent
+
+
+class DraftOut(BaseModel):
+    status: DraftState = Field(
+        description="`prefilling`: the server is reading the prompt the message would have; "
+        "`skipped`: nothing is computed for this draft (`reason` says why)."
+    )
+    reason: DraftSkipReason | None = Field(
+        default=None,
+        description="Why the draft was skipped: `disabled` (CHATBOT_DRAFTS=false), "
+        "`unsupported` (the engine cannot read ahead), `engine_busy` (no spare capacity), "
+        "`token_budget` (the user's CHATBOT_TOKENS_PER_MINUTE is spent), "
+        "`turn_in_progress` (an answer is being written in the conversation), "
+        "`compaction` (the next turn summarises the conversation first), `superseded` (a "
+        "newer draft or the message itself came meanwhile). Null while prefilling.",
+    )
+    agent: AgentName | None = Field(
+        default=None,
+        description="The agent the draft was laid out for: the one the rules would route "
+        "the message to. Null when skipped before routing.",
     )
 
 

@@ -16,7 +16,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from chatbot.models.cache import CacheStats
-from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, Timing, Usage
+from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, DraftStats, Timing, Usage
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -54,6 +54,22 @@ class Metrics:
         self.completion_tokens = Counter(
             "chatbot_completion_tokens", "Generated tokens.", ["engine", "agent"], registry=r
         )
+        self.draft_hit_tokens = Counter(
+            "chatbot_draft_hit_tokens",
+            "Prompt tokens of finished generations whose KV state a draft computed while "
+            "the user was writing (a part of chatbot_cached_tokens).",
+            ["engine", "agent"],
+            registry=r,
+        )
+        self.drafts_received = Counter(
+            "chatbot_drafts_received", "Drafts clients sent (PUT .../draft).", registry=r
+        )
+        self.drafts_skipped = Counter(
+            "chatbot_drafts_skipped",
+            "Drafts nothing was computed for, by reason (engine_busy: no spare capacity).",
+            ["reason"],
+            registry=r,
+        )
         self.generations = Counter(
             "chatbot_generations", "Generations by outcome.", ["engine", "outcome"], registry=r
         )
@@ -90,6 +106,7 @@ class Metrics:
         self.prompt_tokens.labels(engine, agent).inc(usage.prompt_tokens)
         self.cached_tokens.labels(engine, agent).inc(usage.cached_tokens)
         self.completion_tokens.labels(engine, agent).inc(usage.completion_tokens)
+        self.draft_hit_tokens.labels(engine, agent).inc(usage.draft_tokens)
 
     def watch_queue(self, depth: Callable[[], float]) -> None:
         self.queue_depth.set_function(depth)
@@ -97,6 +114,10 @@ class Metrics:
     def watch_batches(self, stats: Callable[[], BatchStats | None]) -> None:
         """Export how the engine batches its sequences, read at each scrape."""
         self.registry.register(_BatchCollector(stats))
+
+    def watch_drafts(self, stats: Callable[[], DraftStats | None]) -> None:
+        """Export what the engine did with drafts, read at each scrape."""
+        self.registry.register(_DraftCollector(stats))
 
     def watch_kv_cache(self, stats: Callable[[], CacheStats | None]) -> None:
         """Export the engine's KV-cache counters, read at each scrape."""
@@ -174,6 +195,44 @@ class _BatchCollector(Collector):
             "chatbot_engine_step_bound_seconds",
             "The most a step may cost while anyone else waits on the engine.",
             value=stats.step_bound_seconds,
+        )
+
+
+class _DraftCollector(Collector):
+    """The engine's draft counters. The compute drafts wasted is
+    ``chatbot_engine_draft_tokens - chatbot_engine_draft_tokens_used`` (what a message has
+    not used yet, drafts still being written among it)."""
+
+    def __init__(self, stats: Callable[[], DraftStats | None]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []  # the families appear only for an engine that reads drafts itself
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield CounterMetricFamily(
+            "chatbot_engine_drafts_prefilled",
+            "Drafts the engine read to their end.",
+            value=stats.prefilled,
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_drafts_dropped",
+            "Drafts the engine stopped before their end: replaced by a newer draft or the "
+            "message, dropped by the client, or their sequence needed by a request.",
+            value=stats.dropped,
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_draft_tokens",
+            "Prompt tokens the engine computed for drafts.",
+            value=stats.tokens,
+        )
+        yield CounterMetricFamily(
+            "chatbot_engine_draft_tokens_used",
+            "Of the tokens computed for drafts, those a message's prompt reused.",
+            value=stats.tokens_used,
         )
 
 

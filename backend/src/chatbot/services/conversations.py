@@ -52,6 +52,7 @@ from chatbot.models.turns import (
 )
 from chatbot.observability.tracing import Tracer
 from chatbot.persistence.index import ConversationIndex
+from chatbot.services.drafts import DraftService, check_message_size
 from chatbot.services.generation import GenerationService
 
 logger = logging.getLogger(__name__)
@@ -185,10 +186,12 @@ class ConversationService:
         graph: TurnGraph,
         tracer: Tracer,
         settings: Settings,
+        drafts: DraftService,
     ) -> None:
         self._store = store
         self._generations = generations
         self._graph = graph
+        self._drafts = drafts
         self._tracer = tracer
         self._settings = settings
         self._turns: set[Turn] = set()
@@ -214,6 +217,7 @@ class ConversationService:
     async def delete(self, user_id: str, conversation_id: str) -> None:
         conversation = await self._store.claim_turn(user_id, conversation_id)
         try:
+            await self._drafts.drop(user_id, conversation.id)
             # State first: a failure in between leaves an empty conversation to delete
             # again, never state that nothing lists.
             await self._graph.forget(conversation.id)
@@ -254,12 +258,7 @@ class ConversationService:
     ) -> Turn:
         """Admit the user's message; raises before the question is stored if it cannot be
         answered now (too large, conversation busy or full, limits, engine full)."""
-        if len(content) > self._settings.max_message_chars:
-            raise PayloadTooLarge(
-                f"the message has {len(content)} characters; the limit is "
-                f"{self._settings.max_message_chars}",
-                code="message_too_large",
-            )
+        check_message_size(content, self._settings)
         sampling = self._generations.sampling(
             max_tokens=max_tokens,
             temperature=temperature,
@@ -268,6 +267,7 @@ class ConversationService:
         )
         await self._wait_for_stopped_turn(user_id, conversation_id)
         conversation = await self._store.claim_turn(user_id, conversation_id)
+        self._drafts.message_sent(user_id, conversation.id)
         try:
             state = await self._graph.state(conversation.id)
             stored = len(state.get("messages", []))

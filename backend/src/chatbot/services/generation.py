@@ -1,5 +1,6 @@
 """Runs one generation on the engine with the product's bookkeeping around it: request
-defaults and limits, the per-user stream limit, and the metrics of what it did.
+defaults and limits, the per-user stream limit and token budget, and the metrics of what it
+did.
 
 ``GenerationService`` is the turn graph's ``LanguageModel`` (``agents.llm``) and what the
 stateless completions (``services.completions``) generate with."""
@@ -21,15 +22,23 @@ from chatbot.engines.base import (
     SamplingParams,
     TokenDelta,
 )
+from chatbot.models.domain import Usage
 from chatbot.models.errors import InvalidRequest
 from chatbot.observability.metrics import Metrics
-from chatbot.services.limits import StreamLimiter
+from chatbot.services.limits import StreamLimiter, TokenBudget
 
 logger = logging.getLogger(__name__)
 
 
+def computed_tokens(usage: Usage) -> int:
+    """The tokens a generation had the engine compute: its prompt less what the cache
+    served (a draft's tokens among them, charged when the draft was read), and its answer."""
+    return usage.prompt_tokens - usage.cached_tokens + usage.completion_tokens
+
+
 class MeteredGeneration(Generation):
-    """An engine generation that counts itself and gives back its user's stream slot."""
+    """An engine generation that counts itself, charges its user's token budget, and gives
+    back its user's stream slot."""
 
     def __init__(
         self,
@@ -40,15 +49,19 @@ class MeteredGeneration(Generation):
         metrics: Metrics,
         release: Callable[[], None],
         stream_interval_s: float = 0.0,
+        charge: Callable[[int], None] | None = None,
     ) -> None:
         """``stream_interval_s``: after a delta is passed on, the text that follows is held
-        and passed on as one delta once that long has gone by (0: every delta at once)."""
+        and passed on as one delta once that long has gone by (0: every delta at once).
+        ``charge``: given the tokens computed (``computed_tokens``) once the engine reports
+        them."""
         self._generation = generation
         self._engine_name = engine_name
         self._agent = agent
         self._metrics = metrics
         self._release = release
         self._interval = stream_interval_s
+        self._charge = charge
 
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
         return self._events()
@@ -64,6 +77,8 @@ class MeteredGeneration(Generation):
                         self._metrics.observe_generation(
                             self._engine_name, self._agent, event.usage, event.timing
                         )
+                        if self._charge is not None and event.usage is not None:
+                            self._charge(computed_tokens(event.usage))
                     yield event
         except Exception:
             outcome = "failed"
@@ -118,11 +133,13 @@ class GenerationService:
         settings: Settings,
         metrics: Metrics,
         limiter: StreamLimiter,
+        budget: TokenBudget,
     ) -> None:
         self.engine = engine
         self._settings = settings
         self._metrics = metrics
         self._limiter = limiter
+        self._budget = budget
 
     def sampling(
         self,
@@ -168,22 +185,18 @@ class GenerationService:
         session: str = "",
         purpose: str = "none",
     ) -> MeteredGeneration:
-        """Admit a generation or raise (429 stream limit, 503 engine full, 400 too long).
+        """Admit a generation or raise (429 stream limit or token budget spent, 503 engine
+        full, 400 too long).
 
         The prompt's ``public_messages`` are the server's own material, whose KV cache all
         users share; everything after them is cached for ``user_id`` alone. ``purpose``
         labels the metrics (see ``Metrics.observe_generation``). ``session``: a stable key
         of the conversation, for engines with replica affinity.
         """
+        self._budget.check(user_id)
         release = self._limiter.acquire(user_id)
         try:
-            request = GenerationRequest(
-                messages=tuple(prompt.messages),
-                sampling=sampling,
-                cache_salt=user_id,
-                public_messages=prompt.public_messages,
-                session=session,
-            )
+            request = self.request(prompt, sampling, user_id=user_id, session=session)
             generation = await self.engine.submit(request)
         except BaseException:
             release()
@@ -195,4 +208,19 @@ class GenerationService:
             metrics=self._metrics,
             release=release,
             stream_interval_s=self._settings.stream_interval_ms / 1000,
+            charge=lambda tokens: self._budget.charge(user_id, tokens),
+        )
+
+    @staticmethod
+    def request(
+        prompt: Prompt, sampling: SamplingParams, *, user_id: str, session: str
+    ) -> GenerationRequest:
+        """The engine's request for ``prompt``: what follows its public messages is cached
+        for ``user_id`` alone."""
+        return GenerationRequest(
+            messages=tuple(prompt.messages),
+            sampling=sampling,
+            cache_salt=user_id,
+            public_messages=prompt.public_messages,
+            session=session,
         )

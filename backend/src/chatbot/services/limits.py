@@ -1,7 +1,8 @@
-"""Admission limits: requests per user per minute, and answers generated at once (per user
-and in all). Each refusal says when to come back (``Retry-After``).
+"""Admission limits: requests per user per minute, tokens computed per user per minute, and
+answers generated at once (per user and in all). Each refusal says when to come back
+(``Retry-After``).
 
-Both count in this process: behind N replicas a user gets up to N times the per-minute
+All count in this process: behind N replicas a user gets up to N times the per-minute
 rate, which is why the load balancer's own limits (or session affinity) sit in front.
 """
 
@@ -101,35 +102,86 @@ class AcceptQueue:
             )
 
 
+class _Buckets:
+    """A token bucket per user: ``capacity`` at most, refilled at ``capacity`` a minute. A
+    level may go below zero (a debt paid back by the refill). Idle users' buckets, full
+    again, are dropped, so memory follows the active users."""
+
+    def __init__(self, capacity: float, clock: Callable[[], float]) -> None:
+        self.capacity = capacity
+        self.rate = capacity / 60.0
+        self._clock = clock
+        self._levels: dict[str, tuple[float, float]] = {}
+        self._next_sweep = clock() + 60.0
+
+    def level(self, user_id: str) -> float:
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._levels = {
+                u: (level, then)
+                for u, (level, then) in self._levels.items()
+                if level + (now - then) * self.rate < self.capacity
+            }
+            self._next_sweep = now + 60.0
+        level, then = self._levels.get(user_id, (self.capacity, now))
+        return min(self.capacity, level + (now - then) * self.rate)
+
+    def take(self, user_id: str, amount: float) -> None:
+        self._levels[user_id] = (self.level(user_id) - amount, self._clock())
+
+    def wait_for(self, user_id: str, amount: float) -> int:
+        """Whole seconds until ``amount`` is in the bucket (0: it is now)."""
+        missing = amount - self.level(user_id)
+        return max(0, math.ceil(missing / self.rate))
+
+
 class RequestRateLimiter:
-    """A token bucket per user: ``per_minute`` requests a minute, in bursts of up to as
-    many. Idle users' buckets are dropped, so memory follows the active users."""
+    """``per_minute`` requests a minute per user, in bursts of up to as many."""
 
     def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self._capacity = float(per_minute)
-        self._rate = per_minute / 60.0
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._next_sweep = clock() + 60.0
+        self._buckets = _Buckets(float(per_minute), clock)
 
     def check(self, user_id: str) -> None:
         """Spend one request or raise RateLimited with the seconds until the next."""
-        now = self._clock()
-        if now >= self._next_sweep:
-            self._sweep(now)
-        tokens, then = self._buckets.get(user_id, (self._capacity, now))
-        tokens = min(self._capacity, tokens + (now - then) * self._rate)
-        if tokens < 1.0:
-            self._buckets[user_id] = (tokens, now)
-            wait = math.ceil((1.0 - tokens) / self._rate)
+        wait = self._buckets.wait_for(user_id, 1.0)
+        if wait:
             raise RateLimited(
-                f"at most {int(self._capacity)} requests a minute per user; try again in {wait} s",
+                f"at most {int(self._buckets.capacity)} requests a minute per user; "
+                f"try again in {wait} s",
                 code="too_many_requests",
                 retry_after=wait,
             )
-        self._buckets[user_id] = (tokens - 1.0, now)
+        self._buckets.take(user_id, 1.0)
 
-    def _sweep(self, now: float) -> None:
-        full = self._capacity / self._rate  # seconds after which any bucket is full again
-        self._buckets = {u: b for u, b in self._buckets.items() if now - b[1] < full}
-        self._next_sweep = now + 60.0
+
+class TokenBudget:
+    """The tokens the engine may compute for each user: ``per_minute`` a minute, in bursts of
+    as many. What a generation computed is known only once it has finished, so it is
+    charged then, and the balance may go below zero; a new generation is refused while it
+    is not above zero. A draft is charged its estimate up front, and only if that fits."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._buckets = _Buckets(float(per_minute), clock)
+
+    def check(self, user_id: str) -> None:
+        """Raise RateLimited, with the seconds until the balance is positive again, while it
+        is not."""
+        if self._buckets.level(user_id) > 0:
+            return
+        wait = max(1, self._buckets.wait_for(user_id, 1.0))
+        raise RateLimited(
+            f"this user's budget of {int(self._buckets.capacity)} tokens a minute is spent; "
+            f"try again in {wait} s",
+            code="token_budget_exhausted",
+            retry_after=wait,
+        )
+
+    def charge(self, user_id: str, tokens: int) -> None:
+        self._buckets.take(user_id, float(tokens))
+
+    def try_charge(self, user_id: str, tokens: int) -> bool:
+        """Charge ``tokens`` if the balance covers them; False (nothing charged) if not."""
+        if self._buckets.level(user_id) < tokens:
+            return False
+        self._buckets.take(user_id, float(tokens))
+        return True

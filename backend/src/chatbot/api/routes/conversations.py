@@ -7,7 +7,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
-from chatbot.api.deps import ConversationsDep, CurrentUser, StateDep, not_overloaded
+from chatbot.api.deps import (
+    ConversationsDep,
+    CurrentUser,
+    DraftingUser,
+    DraftsDep,
+    StateDep,
+    not_overloaded,
+)
 from chatbot.api.errors import error_body
 from chatbot.api.streaming import EventStreamResponse, shutting_down, sse, until_disconnected
 from chatbot.models.domain import Conversation, Message
@@ -16,6 +23,8 @@ from chatbot.models.schemas import (
     ConversationList,
     ConversationOut,
     ConversationUpdate,
+    DraftCreate,
+    DraftOut,
     ErrorResponse,
     MessageCreate,
     MessageList,
@@ -88,6 +97,39 @@ async def delete_conversation(
     conversation_id: str, user: CurrentUser, conversations: ConversationsDep
 ) -> Response:
     await conversations.delete(user, conversation_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+_DRAFT_DOC = """What the user has written so far, before they send it: the server reads the
+prompt the message would have (same agent, same layout) at the lowest priority, so that when
+the message comes only what changed since is computed (its `usage.draft_tokens`). Answers at
+once and never waits for the model; nothing is stored. A newer draft replaces the older;
+sending the message, `DELETE`, or deleting the conversation ends it. Validated as a message
+(413 `message_too_large`, 422). Skipped, still 202, when the engine has no spare capacity,
+the user's token budget is spent, or drafts are off: `reason` says which. Drafts count
+against a request rate of their own (CHATBOT_REQUESTS_PER_MINUTE, apart from other
+requests') and against the user's CHATBOT_TOKENS_PER_MINUTE."""
+
+
+@router.put(
+    "/{conversation_id}/draft",
+    status_code=status.HTTP_202_ACCEPTED,
+    description=_DRAFT_DOC,
+    responses=_ERRORS,
+)
+async def put_draft(
+    conversation_id: str, body: DraftCreate, user: DraftingUser, drafts: DraftsDep
+) -> DraftOut:
+    outcome = await drafts.put(user, conversation_id, body.content)
+    return DraftOut.model_validate(outcome, from_attributes=True)
+
+
+@router.delete(
+    "/{conversation_id}/draft", status_code=status.HTTP_204_NO_CONTENT, responses=_ERRORS
+)
+async def delete_draft(conversation_id: str, user: DraftingUser, drafts: DraftsDep) -> Response:
+    """Stop reading the conversation's draft (the user cleared what they wrote)."""
+    await drafts.delete(user, conversation_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
