@@ -124,9 +124,8 @@ class Settings(BaseSettings):
         ge=10,
         le=10000,
         description="The most one step of the embedded engine may cost, predicted from its "
-        "tokens and their positions, while anyone else waits on the engine (an answer "
-        "streaming, another prompt to read): a long prompt is read in chunks that fit, so "
-        "others' tokens never wait longer. A prompt alone on the engine takes BATCH_TOKENS.",
+        "tokens and their positions: a long prompt is read in chunks that fit, so that others' "
+        "next tokens never wait longer. A prompt alone on the engine may take four times it.",
     )
     parallel: int = Field(
         default=16,

@@ -13,7 +13,12 @@ from chatbot.engines.base import EngineEvent, Finished, SamplingParams, TokenDel
 from chatbot.engines.batching.cost import Coefficients, StepCostModel, StepShape
 from chatbot.engines.batching.plan import StepOutput, StepPlan
 from chatbot.engines.batching.requests import Phase, Progress, Request
-from chatbot.engines.batching.scheduler import MIN_CHUNK, Scheduler
+from chatbot.engines.batching.scheduler import (
+    ALONE_FACTOR,
+    HELD_TEXT_SHARE,
+    MIN_CHUNK,
+    Scheduler,
+)
 from chatbot.engines.stops import Stops
 from chatbot.kvcache import KVCache, PromptKey, owner_digest
 from chatbot.models.cache import CacheTier
@@ -283,12 +288,13 @@ def test_a_request_waits_while_the_running_ones_need_the_pool() -> None:
     assert next_admitted(s) == [bob.request]
 
 
-def test_a_long_prompt_alone_takes_the_whole_batch() -> None:
-    s, long = make(batch=256), Client(prompt(ALICE, length=1000))
+def test_a_long_prompt_alone_takes_longer_steps() -> None:
+    s, long = make(batch=512), Client(prompt(ALICE, length=3000))
     s.submit(long.request)
     plan = step(s)
-    assert sum(len(c.tokens) for c in plan.chunks) == 256
-    assert plan.predicted_s > BOUND_S  # nobody else is waiting: no bound
+    # Nobody else waits: a few times the bound, still a bound for whoever comes next.
+    assert BOUND_S < plan.predicted_s <= ALONE_FACTOR * BOUND_S
+    assert sum(len(c.tokens) for c in plan.chunks) < 512
 
 
 def test_while_others_stream_a_long_prompt_is_read_in_bounded_shrinking_chunks() -> None:
@@ -574,3 +580,23 @@ def test_a_draft_that_would_evict_someone_is_dropped() -> None:
     plan = step(s)
     assert plan.admissions == []
     assert s.draft_stats().dropped == 1
+
+
+def test_after_text_held_back_at_a_possible_stop_the_next_step_is_short() -> None:
+    s = make(sequences=3, batch=512)
+    streaming = Client(prompt(BOB, 1), max_tokens=1000)
+    streaming.request = Request(
+        key=streaming.request.key,
+        sampling=streaming.request.sampling,
+        stops=Stops(("w9 w9 w9",)),
+        emit=streaming.events.append,
+    )
+    s.submit(streaming.request)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    plan = step(s, sample=lambda p: 9)  # " w9": maybe the start of the stop, held back
+    assert plan.predicted_s > HELD_TEXT_SHARE * BOUND_S
+    plan = step(s, sample=lambda p: 7)
+    prefill = plan.shape.tokens - plan.decode_tokens
+    assert plan.predicted_s <= HELD_TEXT_SHARE * BOUND_S or prefill <= MIN_CHUNK

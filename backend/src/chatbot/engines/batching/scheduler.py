@@ -10,11 +10,12 @@ Each step is one ``llama_decode`` over:
 2. a chunk of the prompt of each sequence being admitted, shortest rest first (a follow-up
    question of a few tokens is not read behind another user's pasted document).
 
-While anyone else is waiting on the engine (an answer streaming, another prompt to read),
-a step may cost at most ``step_bound_s``, predicted by ``StepCostModel`` from its tokens and
-their positions: a long prompt's chunks shrink as it advances into the context, and the
+A step may cost at most ``step_bound_s``, predicted by ``StepCostModel`` from its tokens
+and their positions: a long prompt's chunks shrink as it advances into the context, and the
 others' next tokens never wait for more than one bounded step. A prompt alone on the engine
-takes the whole batch.
+takes steps a few times longer (nobody waits on it, and big chunks read fastest); after an
+answer's text held back at a possible stop, the next step is short, since its reader waits
+for that one too.
 
 The KV cache, per sequence:
 
@@ -63,6 +64,16 @@ logger = logging.getLogger(__name__)
 
 PINNED_SEQUENCES = 4
 """Sequences beyond ``sequences`` that hold public prefixes computed at start-up."""
+
+HELD_TEXT_SHARE = 0.25
+"""The share of the bound a step may take while an answer holds text back (a line break
+that may start a stop): its reader waits for the next step too, so that one is short."""
+
+ALONE_FACTOR = 4
+"""A prompt alone on the engine may take steps this many times the bound: nobody waits on
+it, and big chunks read a long prompt fastest; but a request arriving meanwhile waits for
+the step under way, so even then it has a bound (a 512-token chunk deep in the context
+takes over a second here)."""
 
 MIN_CHUNK = 16
 """The fewest prompt tokens a bounded step gives the first prompt in line, so that a long
@@ -428,7 +439,8 @@ class Scheduler:
 
     def _batch(self, plan: StepPlan) -> None:
         """Answer tokens first, then prompt chunks, shortest rest first, within the batch's
-        tokens and, while anyone else waits on the engine, within the step's time bound."""
+        tokens and the step's time bound: ``ALONE_FACTOR`` times it for a prompt alone on the
+        engine, a share of it while an answer holds text back."""
         shape = StepShape()
         tokens_left = self._batch_tokens
         for progress in self._running:
@@ -438,30 +450,26 @@ class Scheduler:
                 shape.add(start, 1)
                 tokens_left -= 1
         plan.decode_tokens = len(plan.chunks)
-        # Drafts last: they get only what the others leave, and never an unbounded step, so
-        # that a message arriving meanwhile waits at most one bounded step.
+        # Drafts last: they get only what the others leave.
         prefilling = sorted(
             (p for p in self._running if p.phase is Phase.PREFILL),
             key=lambda p: (p.request.draft, p.prompt_left),
         )
-        bounded = (
-            plan.decode_tokens > 0
-            or len(prefilling) > 1
-            or any(p.request.draft for p in prefilling)
-        )
+        bound_s = self.step_bound_s
+        if plan.decode_tokens == 0 and len(prefilling) == 1 and prefilling[0].request.answers:
+            bound_s *= ALONE_FACTOR
+        elif any(p.phase is Phase.DECODE and p.text.holding for p in self._running):
+            bound_s *= HELD_TEXT_SHARE
         for progress in prefilling:
             if tokens_left <= 0:
                 break
             start = len(progress.slot.tokens)
-            n = min(progress.prompt_left, tokens_left)
-            if bounded:
-                fits = self.cost.max_chunk(shape, start, self.step_bound_s)
-                first = not plan.chunks
-                if not progress.request.draft:
-                    first = len(plan.chunks) == plan.decode_tokens
-                n = min(n, max(fits, MIN_CHUNK if first else 0))
-                if n <= 0:
-                    break
+            fits = self.cost.max_chunk(shape, start, bound_s)
+            # The first prompt in line always moves on; a draft only in a step of its own.
+            first = len(plan.chunks) == (0 if progress.request.draft else plan.decode_tokens)
+            n = min(progress.prompt_left, tokens_left, max(fits, MIN_CHUNK if first else 0))
+            if n <= 0:
+                break
             tokens = progress.request.key.tokens[start : start + n]
             ends = start + n == len(progress.request.key.tokens)
             plan.chunks.append(Chunk(progress, start, tokens, ends and progress.request.answers))
@@ -512,6 +520,14 @@ class Scheduler:
                 self._sampled(progress, token)
 
     def _record_step(self, plan: StepPlan, elapsed_s: float) -> None:
+        logger.debug(
+            "step: %d tokens (%d answering), %d cells; predicted %.1f ms, took %.1f ms",
+            plan.shape.tokens,
+            plan.decode_tokens,
+            plan.shape.cells,
+            plan.predicted_s * 1000,
+            elapsed_s * 1000,
+        )
         self.cost.observe(plan.shape, elapsed_s)
         bucket = bisect_left(STEP_SECONDS_BUCKETS, elapsed_s)
         with self._lock:
