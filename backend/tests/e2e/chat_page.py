@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -19,6 +20,7 @@ UI_TIMEOUT = 30.0
 ANSWER_TIMEOUT = 240.0
 
 _SHARE = re.compile(r"cached (\d+(?:\.\d+)?)%")
+_DRAFT = re.compile(r"draft (\d+(?:\.\d+)?)%")
 _TTFT = re.compile(r"TTFT (\d+) ms")
 
 # Records, at every change of the message list, the status and the text length of the last
@@ -42,6 +44,8 @@ class Badge:
     ttft_ms: int
     cached_percent: float
     agent: str
+    draft_percent: float = 0.0
+    """The share of the prompt read while the user was writing; 0 when none was."""
 
 
 class ChatPage:
@@ -143,6 +147,15 @@ class ChatPage:
     def answer_snapshots(self) -> list[tuple[int, str, int]]:
         return [tuple(s) for s in self.js("return window.answerSnapshots")]
 
+    def attach(self, path: Path) -> None:
+        """Chooses a file in the Attach dialog; returns once the page lists it."""
+        self.find("#attach-input").send_keys(str(path))
+        self.wait().until(lambda _: path.name in self.attachment_names())
+
+    def attachment_names(self) -> list[str]:
+        script = "return [...document.querySelectorAll('#attachments .attachment-name')]"
+        return [str(n) for n in self.js(f"{script}.map((n) => n.textContent)")]
+
     def type_and_enter(self, text: str) -> None:
         """Types the message (Shift+Enter between its lines), then sends it with Enter."""
         field = self.find("#message-input")
@@ -178,10 +191,12 @@ class ChatPage:
         share, ttft = _SHARE.search(text), _TTFT.search(text)
         assert share is not None, text
         assert ttft is not None, text
+        drafted = _DRAFT.search(text)
         return Badge(
             ttft_ms=int(ttft.group(1)),
             cached_percent=float(share.group(1)),
             agent=text.rsplit("·", 1)[-1].strip(),
+            draft_percent=float(drafted.group(1)) if drafted else 0.0,
         )
 
     # --- theme, and what the browser said

@@ -1,15 +1,27 @@
 // The chat page: the caller's conversations, answers streamed as they are written and
 // rendered as Markdown, and on each answer a badge with its time to first token, the share of
-// its prompt read from the KV cache, and the agent that wrote it.
+// its prompt read from the KV cache (and of it, what was read while the user was still
+// writing), and the agent that wrote it.
 //
 // Answers come as Server-Sent Events in the response to a POST, which EventSource cannot
 // send: they are read from fetch()'s body stream instead.
+//
+// What the user is writing, attached files included, goes to the server as a draft while
+// they write (PUT .../draft), so that the server has read most of the prompt by Enter.
 
 const KEY_STORAGE = "chatbot.apiKey";
 const THEME_STORAGE = "chatbot.theme";
 const DEFAULT_TITLE = "New conversation";
 const TITLE_CHARS = 60;
 const PAGE_SIZE = 50;
+// A draft goes when the user pauses, or once the text has grown by a few words, but never
+// more than once a second (pasting and attaching send one at once).
+const DRAFT_PAUSE_MS = 300;
+const DRAFT_WORDS = 3;
+const DRAFT_INTERVAL_MS = 1000;
+const ATTACHABLE = /\.(txt|md)$/i;
+// The control characters a message may not hold (all but tab, line feed, carriage return).
+const CONTROLS = /[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]/g;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -25,6 +37,9 @@ const ui = {
   input: $("message-input"),
   send: $("send"),
   stop: $("stop"),
+  attach: $("attach"),
+  attachInput: $("attach-input"),
+  attachments: $("attachments"),
   themeToggle: $("theme-toggle"),
   changeKey: $("change-key"),
   keyDialog: $("key-dialog"),
@@ -41,7 +56,12 @@ const state = {
   hasMore: false,
   currentId: null,
   stream: null, // {controller, conversationId} while an answer is being written
+  creating: null, // the conversation being created, as a promise of its id
+  attachments: [], // {name, text}: files whose text goes in with the next message
 };
+
+// The draft last sent, for which conversation and when; a timer for the next.
+const draft = { timer: null, text: "", conversationId: null, at: 0, inFlight: false, again: false, off: false };
 
 // --- Markdown ---------------------------------------------------------------------------
 
@@ -190,14 +210,16 @@ function setBadge(element, { usage, timing, agent }) {
   const parts = [];
   if (timing?.ttft_ms != null) parts.push(`TTFT ${Math.round(timing.ttft_ms)} ms`);
   if (usage?.prompt_tokens) parts.push(`cached ${formatShare(usage.cached_tokens, usage.prompt_tokens)}`);
+  if (usage?.prompt_tokens && usage.draft_tokens) parts.push(`draft ${formatShare(usage.draft_tokens, usage.prompt_tokens)}`);
   if (agent) parts.push(agent);
   const badge = element.querySelector(".badge");
   badge.hidden = parts.length === 0;
   badge.textContent = parts.join(" · ");
   if (usage?.prompt_tokens) {
     const tier = usage.cache_tier ? ` (${usage.cache_tier})` : "";
+    const drafted = usage.draft_tokens ? `, ${usage.draft_tokens} of them read while you were writing` : "";
     badge.title =
-      `${usage.cached_tokens} of ${usage.prompt_tokens} prompt tokens reused from the KV cache${tier}; ` +
+      `${usage.cached_tokens} of ${usage.prompt_tokens} prompt tokens reused from the KV cache${tier}${drafted}; ` +
       `${usage.completion_tokens} tokens written`;
   }
 }
@@ -349,6 +371,7 @@ async function loadConversations({ more = false } = {}) {
 async function selectConversation(id) {
   if (state.stream && state.stream.conversationId !== id) stopAnswer();
   state.currentId = id;
+  scheduleDraft(); // what is in the composer now drafts a message in this conversation
   clearNotice();
   renderList();
   ui.messages.replaceChildren();
@@ -371,6 +394,23 @@ async function createConversation(title = DEFAULT_TITLE) {
   const conversation = await requestJson("POST", "/v1/conversations", { title });
   state.conversations = [conversation, ...state.conversations.filter((c) => c.id !== conversation.id)];
   return conversation;
+}
+
+// The open conversation's id; with none open, a new one (titled ``title``) is created, once
+// however many ask for it at the same time (a draft and the message).
+async function openConversation(title) {
+  if (state.currentId) return state.currentId;
+  state.creating ??= createConversation(title)
+    .then((conversation) => {
+      state.currentId = conversation.id;
+      renderList();
+      ui.messages.replaceChildren();
+      return conversation.id;
+    })
+    .finally(() => {
+      state.creating = null;
+    });
+  return state.creating;
 }
 
 function titleFrom(content) {
@@ -407,14 +447,10 @@ function setStreaming(streaming) {
 async function send(content) {
   if (state.stream) return;
   clearNotice();
-  let id = state.currentId;
+  let id;
   try {
-    if (!id) {
-      id = (await createConversation(titleFrom(content))).id;
-      state.currentId = id;
-      renderList();
-      ui.messages.replaceChildren();
-    } else if (current()?.title === DEFAULT_TITLE && !ui.messages.querySelector(".message")) {
+    id = await openConversation(titleFrom(content));
+    if (current()?.title === DEFAULT_TITLE && !ui.messages.querySelector(".message")) {
       // A conversation's first message names it, until the user renames it.
       await renameConversation(id, titleFrom(content));
     }
@@ -482,6 +518,7 @@ async function streamAnswer(conversationId, content, question, answer) {
     state.stream = null;
     setStreaming(false);
     scrollToEnd();
+    scheduleDraft(); // what the user wrote meanwhile
   }
   // The list is ordered by the server, which may have moved this conversation.
   loadConversations().catch(() => {});
@@ -489,6 +526,124 @@ async function streamAnswer(conversationId, content, question, answer) {
 
 function stopAnswer() {
   state.stream?.controller.abort();
+}
+
+// --- Drafts and attachments -----------------------------------------------------------------
+
+// The message as it would be sent now: the attached files' text first, then what is typed,
+// so that typing only adds to what the server has read.
+function composed(question = ui.input.value) {
+  const files = state.attachments.map(({ name, text }) => `Attached file ${name}:\n\n${text.trim()}`);
+  return [...files, question].filter((part) => part.trim()).join("\n\n");
+}
+
+function words(text) {
+  return text.split(/\s+/).filter(Boolean).length;
+}
+
+// Called at every change of the composer; ``now``: paste and attach, which send at once.
+function scheduleDraft({ now = false } = {}) {
+  clearTimeout(draft.timer);
+  if (draft.off || state.stream) return; // an answer is being written: its turn comes first
+  const content = composed();
+  if (!content.trim()) {
+    dropDraft();
+    return;
+  }
+  if (content === draft.text && draft.conversationId === state.currentId) return;
+  const since = Date.now() - draft.at;
+  const grown = words(content) - words(draft.text) >= DRAFT_WORDS;
+  if (now || (grown && since >= DRAFT_INTERVAL_MS)) {
+    sendDraft();
+  } else {
+    draft.timer = setTimeout(sendDraft, Math.max(DRAFT_PAUSE_MS, DRAFT_INTERVAL_MS - since));
+  }
+}
+
+// A draft is a hint: whatever goes wrong, the message still goes as usual, so failures are
+// not shown (and a draft never asks for a key).
+async function sendDraft() {
+  clearTimeout(draft.timer);
+  if (draft.inFlight) {
+    draft.again = true; // one at a time: the newest text goes once this one is answered
+    return;
+  }
+  const content = composed();
+  if (!content.trim() || state.stream || draft.off) return;
+  draft.inFlight = true;
+  try {
+    const id = await openConversation(DEFAULT_TITLE);
+    Object.assign(draft, { text: content, conversationId: id, at: Date.now() });
+    const response = await fetchApi("PUT", `/v1/conversations/${id}/draft`, { content });
+    const { status, reason } = await response.json();
+    if (status === "skipped" && reason === "disabled") draft.off = true;
+  } catch (error) {
+    console.debug("a draft was not sent", error);
+  } finally {
+    draft.inFlight = false;
+  }
+  if (draft.again) {
+    draft.again = false;
+    scheduleDraft();
+  }
+}
+
+// The user cleared what they wrote: the server stops reading it.
+function dropDraft() {
+  const { text, conversationId } = draft;
+  Object.assign(draft, { text: "", conversationId: null });
+  if (!text || !conversationId || draft.off) return;
+  fetchApi("DELETE", `/v1/conversations/${conversationId}/draft`).catch((error) =>
+    console.debug("a draft was not dropped", error),
+  );
+}
+
+// The message went: it ends its draft on the server.
+function draftSent() {
+  clearTimeout(draft.timer);
+  Object.assign(draft, { text: "", conversationId: null });
+  state.attachments = [];
+  renderAttachments();
+}
+
+async function attach(files) {
+  const refused = [];
+  for (const file of files) {
+    if (!ATTACHABLE.test(file.name)) {
+      refused.push(file.name);
+      continue;
+    }
+    // Control characters would be refused with the message; a file's line breaks stay.
+    const text = (await file.text()).replace(CONTROLS, "");
+    state.attachments.push({ name: file.name, text });
+  }
+  if (refused.length) showNotice(`Only .txt and .md files can be attached: ${refused.join(", ")}`);
+  renderAttachments();
+  scheduleDraft({ now: true }); // a long document is read while the question is written
+}
+
+function renderAttachments() {
+  const items = state.attachments.map((attachment) => {
+    const item = document.createElement("li");
+    item.className = "attachment";
+    const name = document.createElement("span");
+    name.className = "attachment-name";
+    name.textContent = attachment.name;
+    name.title = `${attachment.text.length} characters`;
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "×";
+    remove.setAttribute("aria-label", `Remove ${attachment.name}`);
+    remove.addEventListener("click", () => {
+      state.attachments = state.attachments.filter((a) => a !== attachment);
+      renderAttachments();
+      scheduleDraft({ now: true });
+    });
+    item.append(name, remove);
+    return item;
+  });
+  ui.attachments.replaceChildren(...items);
+  ui.attachments.hidden = items.length === 0;
 }
 
 // --- Theme --------------------------------------------------------------------------------
@@ -506,10 +661,20 @@ function applyTheme() {
 function wire() {
   ui.composer.addEventListener("submit", (event) => {
     event.preventDefault();
-    const content = ui.input.value;
+    const content = composed();
     if (!content.trim() || state.stream) return;
     ui.input.value = "";
+    draftSent();
     send(content);
+  });
+  ui.input.addEventListener("input", () => scheduleDraft());
+  // After the paste is in the field: the input event of a paste follows it.
+  ui.input.addEventListener("paste", () => setTimeout(() => scheduleDraft({ now: true })));
+  ui.attach.addEventListener("click", () => ui.attachInput.click());
+  ui.attachInput.addEventListener("change", async () => {
+    const files = [...ui.attachInput.files];
+    ui.attachInput.value = ""; // the same file can be attached again
+    await attach(files);
   });
   ui.input.addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
