@@ -66,9 +66,14 @@ async def ask(
     messages: Sequence[ChatMessage],
     user: str,
     sampling: SamplingParams = GREEDY_16,
+    session: str = "",
 ) -> tuple[str, Usage]:
     request = GenerationRequest(
-        messages=(SYSTEM, *messages), sampling=sampling, cache_salt=user, public_messages=1
+        messages=(SYSTEM, *messages),
+        sampling=sampling,
+        cache_salt=user,
+        public_messages=1,
+        session=session,
     )
     pieces: list[str] = []
     usage: Usage | None = None

@@ -9,18 +9,14 @@ from pathlib import Path
 
 from chatbot.engines.base import (
     DraftStatus,
-    Finished,
     GenerationRequest,
-    SamplingParams,
-    TokenDelta,
 )
 from chatbot.engines.embedded import EmbeddedEngine, state_namespace
 from chatbot.kvcache import KVCache
 from chatbot.models.domain import ChatMessage, Usage
+from tests.integration.test_batching import GREEDY_16, SYSTEM, ask
 from tests.waiting import wait_until
 
-GREEDY_16 = SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0)
-SYSTEM = ChatMessage(role="system", content="You are a helpful assistant.")
 DOCUMENT = (
     "Here are my notes from the trip. We left Lyon early on Monday, drove through the Alps "
     "and reached Turin by noon. The museum of cinema was closed, so we walked along the Po "
@@ -57,16 +53,7 @@ def request(text: str, user: str, session: str) -> GenerationRequest:
 
 
 async def answer(running: EmbeddedEngine, text: str, user: str, session: str) -> tuple[str, Usage]:
-    pieces: list[str] = []
-    usage: Usage | None = None
-    async with await running.submit(request(text, user, session)) as generation:
-        async for event in generation:
-            if isinstance(event, TokenDelta):
-                pieces.append(event.text)
-            elif isinstance(event, Finished):
-                usage = event.usage
-    assert usage is not None
-    return "".join(pieces), usage
+    return await ask(running, [ChatMessage(role="user", content=text)], user, session=session)
 
 
 async def drafted(running: EmbeddedEngine, text: str, user: str, session: str) -> None:

@@ -43,13 +43,16 @@ class Vocabulary:
 class Client:
     """One request and everything the engine sent it."""
 
-    def __init__(self, key: PromptKey, max_tokens: int = 4) -> None:
+    def __init__(
+        self, key: PromptKey, max_tokens: int = 4, *, stops: Stops = Stops(), draft: bool = False
+    ) -> None:
         self.events: list[EngineEvent | BaseException | None] = []
         self.request = Request(
             key=key,
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
-            stops=Stops(),
+            stops=stops,
             emit=self.events.append,
+            draft=draft,
         )
 
     @property
@@ -489,15 +492,7 @@ def test_a_failed_decode_fails_the_requests_in_its_batch() -> None:
 
 
 def draft_of(key: PromptKey) -> Client:
-    client = Client(key)
-    client.request = Request(
-        key=key,
-        sampling=client.request.sampling,
-        stops=Stops(),
-        emit=client.events.append,
-        draft=True,
-    )
-    return client
+    return Client(key, draft=True)
 
 
 def test_a_draft_is_read_ahead_and_its_message_continues_from_it() -> None:
@@ -584,13 +579,7 @@ def test_a_draft_that_would_evict_someone_is_dropped() -> None:
 
 def test_after_text_held_back_at_a_possible_stop_the_next_step_is_short() -> None:
     s = make(sequences=3, batch=512)
-    streaming = Client(prompt(BOB, 1), max_tokens=1000)
-    streaming.request = Request(
-        key=streaming.request.key,
-        sampling=streaming.request.sampling,
-        stops=Stops(("w9 w9 w9",)),
-        emit=streaming.events.append,
-    )
+    streaming = Client(prompt(BOB, 1), max_tokens=1000, stops=Stops(("w9 w9 w9",)))
     s.submit(streaming.request)
     long = Client(prompt(ALICE, length=1500))
     s.submit(long.request)
