@@ -13,6 +13,7 @@ import typer
 from benchmarks import (
     agents,
     capacity,
+    composing,
     concurrent,
     load,
     long,
@@ -41,6 +42,7 @@ app.command("vllm")(vllm_bench.command)
 app.command("load")(load.command)
 app.command("capacity")(capacity.command)
 app.command("concurrent")(concurrent.command)
+app.command("typing")(composing.command)
 
 
 @app.command("all")
