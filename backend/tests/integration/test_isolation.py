@@ -45,6 +45,8 @@ LOG = (
 LONG_A = "Zebulon, " + LOG * 3
 LONG_B = "Philippa, " + LOG * 3
 NOBODYS = "Quentin, " + LOG * 3  # never sent before Bob sends it: what his own history gives
+DRAFTED = "Ottoline, " + LOG * 3  # Alice's draft, which nobody sends before it
+UNSENT = "Barnabas, " + LOG * 3  # what Bob's history gives words nobody sent, for the draft
 SEVERAL_CHUNKS = 150
 NEVER = "conv_0123456789abcdef0123456789abcdef"
 
@@ -229,15 +231,17 @@ def test_alices_draft_gives_bob_no_hit_beyond_the_public_preamble(
         usage(alice, hers, "Good morning.")  # her conversation now holds the sequence
         before = engine.draft_stats()
         assert before is not None
-        drafted = alice.put(f"/v1/conversations/{hers}/draft", json={"content": LONG_A})
+        drafted = alice.put(f"/v1/conversations/{hers}/draft", json={"content": DRAFTED})
         assert drafted.json()["status"] == "prefilling", drafted.text
         wait_until(lambda: (engine.draft_stats() or before).prefilled > before.prefilled)
-        from_draft = usage(bob, new_conversation(bob), LONG_A)
-        nobodys = usage(bob, new_conversation(bob), NOBODYS)
+        from_draft = usage(bob, new_conversation(bob), DRAFTED)
+        nobodys = usage(bob, new_conversation(bob), UNSENT)
         # Her draft, saved when Bob took the sequence, serves her own message.
-        alices = usage(alice, hers, LONG_A)
+        alices = usage(alice, hers, DRAFTED)
 
     assert from_draft["draft_tokens"] == 0
+    # Bob gets no more for the words of Alice's draft than for words nobody sent: the public
+    # part, and what his own earlier turns share with it.
     assert shared <= from_draft["cached_tokens"] <= nobodys["cached_tokens"]
     assert nobodys["cached_tokens"] < shared + SEVERAL_CHUNKS
     assert alices["cached_tokens"] > shared + SEVERAL_CHUNKS
