@@ -36,12 +36,13 @@ from typing import Annotated, Any
 import httpx
 import typer
 from matplotlib import pyplot as plt
-from testbed.llama_server import ensure_binary, llama_server
+from testbed.llama_server import ensure_binary
 from testbed.servers import Target
 
 from benchmarks import report
 from benchmarks.chats import Prompts, llama_server_asker
 from benchmarks.client import Reply
+from benchmarks.concurrent import llama_server_peer
 from benchmarks.long_prompt import long_message
 from benchmarks.runner import RESULTS, AnswerTokens, cache_dir, each, header, model_path, write
 from benchmarks.servers import Factory, chatbot
@@ -52,7 +53,6 @@ from chatbot.agents.router import RuleRouter
 from chatbot.models.domain import Message
 from chatbot.sse import parse_sse
 
-CACHE_RAM_MIB = 2048
 STREAMING_USERS = 2
 CHARS_PER_S = 5.0
 PAUSE_S, DRAFT_WORDS, DRAFT_INTERVAL_S = 0.3, 3, 1.0  # as the chat page (web/app.js)
@@ -419,7 +419,9 @@ def command(
                 _ours(everyone, answer_tokens, no_documents, drafts) for drafts in (True, False)
             )
             if peers:
-                targets.update([_theirs(llama_server_binary or binary, everyone)])
+                peer = llama_server_binary or binary
+                assert peer is not None
+                targets.update([llama_server_peer(peer, everyone, everyone, (), 8192)])
             for target in each(targets, f"{count} composing: "):
                 server: Chatbot | LlamaServer
                 if target.is_chatbot:
@@ -533,19 +535,4 @@ def _ours(users: int, answer_tokens: int, docs_dir: str, drafts: bool) -> tuple[
             "CHATBOT_QUEUE_SIZE": str(4 * users),
             "CHATBOT_REQUESTS_PER_MINUTE": "100000",
         },
-    )
-
-
-def _theirs(binary: Path | None, users: int) -> tuple[str, Factory]:
-    assert binary is not None
-    name = f"llama-server --parallel {users} --cache-ram {CACHE_RAM_MIB}"
-    return name, partial(
-        llama_server,
-        name,
-        binary=binary,
-        users=users,
-        model_path=model_path(),
-        parallel=users,
-        cache_ram_mib=CACHE_RAM_MIB,
-        context_tokens=8192,
     )

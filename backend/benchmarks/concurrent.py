@@ -123,7 +123,9 @@ def _chat(
         # less than half of what it holds; a long shared preamble keeps more, so its cache
         # is also run the way a user tuning it would: slots picked by age, not similarity.
         variants = [(), ("--slot-prompt-similarity", "0")] if interleaved else [()]
-        targets.update(_theirs(binary, count, 1 if interleaved else count, x) for x in variants)
+        targets.update(
+            llama_server_peer(binary, count, 1 if interleaved else count, x) for x in variants
+        )
         for busy in neighbours:
             for target in each(targets, f"{count} users{BUSY if busy else ''}: "):
                 ask = _asker(target, prompts)
@@ -212,7 +214,7 @@ def _long_prompt(
         targets = dict(
             [
                 _ours(Settings(_env_file=None).parallel, count + 1, answer_tokens, context, env),
-                _theirs(binary, count + 1, count + 1, (), context),
+                llama_server_peer(binary, count + 1, count + 1, (), context),
             ]
         )
         for busy in neighbours:
@@ -292,13 +294,14 @@ def _ours(
     )
 
 
-def _theirs(
+def llama_server_peer(
     binary: Path,
     users: int,
     parallel: int,
     extra: tuple[str, ...],
     context_tokens: int = 4096,
 ) -> tuple[str, Factory]:
+    """llama-server with ``--parallel`` slots and its RAM prompt cache, as a target."""
     name = " ".join([f"llama-server --parallel {parallel} --cache-ram {CACHE_RAM_MIB}", *extra])
     return name, partial(
         llama_server,
