@@ -564,16 +564,24 @@ def test_a_request_that_needs_a_drafts_sequence_stops_the_draft() -> None:
     assert [a.progress.request for a in plan.admissions] == [bob.request]
 
 
-def test_a_draft_that_would_evict_someone_is_dropped() -> None:
+def test_a_draft_takes_an_idle_sequence_but_never_a_running_one() -> None:
     s = make(sequences=1)
     bob = Client(prompt(BOB, 1))
     s.submit(bob.request)
     run_to_end(s, bob)
-    step(s)
+    step(s)  # Bob's state is saved: his idle sequence may be evicted
     draft = draft_of(prompt(ALICE, length=10))
     s.submit_draft(draft.request)
     plan = step(s)
-    assert plan.admissions == []
+    assert [a.progress.request for a in plan.admissions] == [draft.request]
+    run_to_end(s, draft)
+    carol = Client(prompt(CAROL, 1), max_tokens=50)
+    s.submit(carol.request)
+    step(s)
+    late = draft_of(prompt(ALICE, 1, length=10))
+    s.submit_draft(late.request)
+    plan = step(s)
+    assert plan.admissions == []  # Carol is answering in the only sequence
     assert s.draft_stats().dropped == 1
 
 

@@ -70,6 +70,8 @@ class Restore:
     """What the saved state holds, all of it (llama.cpp loads a state whole)."""
     tier: CacheTier
     """Where it was found; it may have moved on by the time it is fetched."""
+    drafted_from: int | None = None
+    """Where the tokens a draft computed start in it."""
 
 
 @dataclass(eq=False, slots=True)
@@ -144,7 +146,7 @@ class KVCache:
         if found is None or found[1] < min(live, limit) + max(1, self.min_load_gain):
             return None
         entry, n = found
-        return Restore(entry.meta.id, n, entry.meta.tokens, entry.tier)
+        return Restore(entry.meta.id, n, entry.meta.tokens, entry.tier, entry.meta.drafted_from)
 
     def fetch(self, restore: Restore) -> Future[bytearray | None]:
         """The saved state's bytes, read on the I/O thread; None if it is gone (evicted for
@@ -172,11 +174,14 @@ class KVCache:
         """Whether a sequence of ``tokens`` would be saved at all."""
         return self.stores_states and tokens >= self.chunk_tokens
 
-    def save(self, key: PromptKey, payload: bytearray) -> Future[None]:
+    def save(
+        self, key: PromptKey, payload: bytearray, *, drafted_from: int | None = None
+    ) -> Future[None]:
         """Save ``payload``, the state of a sequence holding ``key.tokens`` (exported by the
         caller, the one step that must be on the engine's thread), on the I/O thread,
-        unless a tier already holds it."""
-        return self._io.submit(self._store, key, payload)
+        unless a tier already holds it. ``drafted_from``: where tokens a draft computed
+        start, if any."""
+        return self._io.submit(self._store, key, payload, drafted_from)
 
     def flush(self) -> None:
         """Move what RAM holds to disk, within its budget (on a graceful shutdown), so that
@@ -200,14 +205,16 @@ class KVCache:
                 self._unindex(entry_id)
         return payload
 
-    def _store(self, key: PromptKey, payload: bytearray) -> None:
+    def _store(self, key: PromptKey, payload: bytearray, drafted_from: int | None) -> None:
         with self._lock:
             hashes = self._hashes(key)
             found = self._find(key, len(key.tokens), hashes)
             entry_id = _entry_id(self.namespace, key)
             if (found is not None and found[1] >= len(key.tokens)) or entry_id in self._entries:
                 return
-            meta = EntryMeta(entry_id, array("i", key.tokens), key.public_tokens, key.owner)
+            meta = EntryMeta(
+                entry_id, array("i", key.tokens), key.public_tokens, key.owner, drafted_from
+            )
             superseded = self._supersede(meta, hashes)
         for old in superseded:
             self._tiers[old.tier].remove(old.meta.id)

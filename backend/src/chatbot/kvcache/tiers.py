@@ -31,6 +31,8 @@ class EntryMeta:
     tokens: Sequence[int]
     public_tokens: int
     owner: bytes
+    drafted_from: int | None = None
+    """Where the tokens a draft computed start (nobody's message has used them yet)."""
 
 
 class Evicted(NamedTuple):
@@ -172,6 +174,7 @@ class DiskTier(Tier):
                 "tokens": list(meta.tokens),
                 "public_tokens": meta.public_tokens,
                 "owner": meta.owner.hex(),
+                "drafted_from": meta.drafted_from,
                 "payload_bytes": len(payload),
                 "blake2b": hashlib.blake2b(payload).hexdigest(),
             }
@@ -243,6 +246,7 @@ class _Header:
             tokens=array("i", header["tokens"]),
             public_tokens=int(header["public_tokens"]),
             owner=bytes.fromhex(header["owner"]),
+            drafted_from=header.get("drafted_from"),
         )
         return cls(
             meta=meta,

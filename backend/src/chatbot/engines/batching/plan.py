@@ -20,6 +20,7 @@ class Save:
 
     seq_id: int
     key: PromptKey
+    drafted_from: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

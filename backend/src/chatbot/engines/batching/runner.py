@@ -129,7 +129,7 @@ class ModelRunner:
             failed: Future[None] = Future()
             failed.set_result(None)
             return failed
-        return self._kv_cache.save(save.key, payload)
+        return self._kv_cache.save(save.key, payload, drafted_from=save.drafted_from)
 
 
 class _Sequence:

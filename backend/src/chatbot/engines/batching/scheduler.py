@@ -54,7 +54,7 @@ from chatbot.engines.base import Finished, FinishReason, TokenDelta
 from chatbot.engines.batching.cost import StepCostModel, StepShape
 from chatbot.engines.batching.plan import Admission, Chunk, Load, Save, StepOutput, StepPlan
 from chatbot.engines.batching.requests import AnswerText, Phase, Progress, Request, Slot
-from chatbot.kvcache import KVCache, PromptKey, Reuse
+from chatbot.kvcache import KVCache, PromptKey, Restore, Reuse
 from chatbot.kvcache.keys import shareable_prefix
 from chatbot.models.cache import CacheTier
 from chatbot.models.domain import STEP_SECONDS_BUCKETS, BatchStats, DraftStats, Timing, Usage
@@ -271,9 +271,9 @@ class Scheduler:
                 self._fail_admission(request, slot, exc)
 
     def _admit_drafts(self, plan: StepPlan) -> None:
-        """Drafts, once no request waits: each on its conversation's own idle sequence or an
-        empty one, where the pool has room without evicting anything. A draft that cannot be
-        read now is dropped: a newer one follows as the user writes on."""
+        """Drafts, once no request waits, as requests are admitted (an idle sequence, saved
+        already, may be evicted for one), but never at a running request's expense. A draft
+        that cannot be read now is dropped: a newer one follows as the user writes on."""
         while True:
             with self._lock:
                 if self._waiting or not self._drafts:
@@ -282,10 +282,12 @@ class Scheduler:
             if request.cancelled.is_set():
                 continue
             slot = self._choose_slot(request)
-            room = self._make_room(request, 0, slot) if slot is not None else None
-            if slot is None or room != [] or (slot.tokens and slot.owner != request.key.owner):
+            evicted = self._make_room(request, 0, slot) if slot is not None else None
+            if slot is None or evicted is None:
                 self._count_draft(dropped=1)
                 continue
+            for victim in evicted:
+                self._evict(victim, plan)
             try:
                 self._start(request, slot, 0, plan)
             except Exception as exc:
@@ -371,10 +373,10 @@ class Scheduler:
         plan.admissions.append(Admission(progress, keep, source.seq_id if source else None))
         if source is not None:
             slot.borrowed = keep if source.pinned else min(source.borrowed, keep)
-            slot.drafted_from = None
+            slot.drafted_from = None  # what it holds now is another sequence's
         else:
             slot.borrowed = min(slot.borrowed, keep)
-            self._take_drafted(progress, slot, keep)
+        self._take_drafted(progress, slot, keep)
         slot.tokens = array("i", key.tokens[:keep])
         slot.owner, slot.public_tokens = key.owner, key.public_tokens
         slot.progress = progress
@@ -405,6 +407,16 @@ class Scheduler:
                 self._count_draft(tokens_used=progress.draft_tokens)
         slot.drafted_from = None
 
+    def _take_drafted_state(self, progress: Progress, restore: Restore) -> None:
+        """As ``_take_drafted``, for a saved state loaded into the sequence."""
+        drafted = restore.drafted_from if restore.drafted_from is not None else restore.tokens
+        drafted_from = min(drafted, restore.tokens)
+        if progress.request.draft:
+            progress.slot.drafted_from = drafted_from
+        elif drafted_from < restore.tokens:
+            progress.draft_tokens = restore.tokens - drafted_from
+            self._count_draft(tokens_used=progress.draft_tokens)
+
     def _resident_prefix(self, slot: Slot, key: PromptKey) -> tuple[int, Slot | None]:
         """The longest prefix of ``key`` that a resident sequence holds and ``key``'s owner
         may use: ``slot``'s own, kept in place (no source), or another's, to share. At least
@@ -431,6 +443,7 @@ class Scheduler:
                 self._count(progress)
                 continue
             plan.loads.append(Load(progress, progress.restore, payload))
+            self._take_drafted_state(progress, progress.restore)
             progress.slot.tokens = array(
                 "i", progress.request.key.tokens[: progress.restore.tokens]
             )
@@ -619,7 +632,8 @@ class Scheduler:
         if self._kv_cache is None or not self._kv_cache.worth_saving(len(slot.tokens)):
             return
         public = min(slot.public_tokens, len(slot.tokens))
-        plan.saves.append(Save(slot.seq_id, PromptKey(array("i", slot.tokens), public, slot.owner)))
+        held = PromptKey(array("i", slot.tokens), public, slot.owner)
+        plan.saves.append(Save(slot.seq_id, held, slot.drafted_from))
         slot.saving = Future()  # until the runner hands over the real one
 
     def _fail(self, progresses: Sequence[Progress]) -> None:
