@@ -14,8 +14,8 @@ A step may cost at most ``step_bound_s``, predicted by ``StepCostModel`` from it
 and their positions: a long prompt's chunks shrink as it advances into the context, and the
 others' next tokens never wait for more than one bounded step. A prompt alone on the engine
 takes steps a few times longer (nobody waits on it, and big chunks read fastest); after an
-answer's text held back at a possible stop, the next step is short, since its reader waits
-for that one too.
+answer's text held back at a possible stop, and while a question is about to get its first
+token, steps are short, since a reader waits on each of them.
 
 The KV cache, per sequence:
 
@@ -65,9 +65,13 @@ logger = logging.getLogger(__name__)
 PINNED_SEQUENCES = 4
 """Sequences beyond ``sequences`` that hold public prefixes computed at start-up."""
 
-HELD_TEXT_SHARE = 0.25
-"""The share of the bound a step may take while an answer holds text back (a line break
-that may start a stop): its reader waits for the next step too, so that one is short."""
+SHORT_STEP_SHARE = 0.25
+"""The share of the bound a step may take while a reader waits for the very next text of an
+answer: its first (a question just read, whose first token may be a space that shows
+nothing), or text held back at a possible stop (a line break that may start one)."""
+
+SHORT_PROMPT = 64
+"""A prompt this close to its end is a question about to be answered, not a long read."""
 
 ALONE_FACTOR = 4
 """A prompt alone on the engine may take steps this many times the bound: nobody waits on
@@ -450,10 +454,18 @@ class Scheduler:
             progress.slot.borrowed = 0  # a saved state is loaded into cells of its own
             progress.reuse = Reuse(progress.restore.tokens, progress.restore.tier)
 
+    @staticmethod
+    def _reader_waits_for_next_text(progress: Progress) -> bool:
+        if not progress.request.answers or progress.phase is Phase.RESTORING:
+            return False
+        if progress.phase is Phase.PREFILL:
+            return progress.prompt_left <= SHORT_PROMPT
+        return progress.text.first_text_at is None or progress.text.holding
+
     def _batch(self, plan: StepPlan) -> None:
         """Answer tokens first, then prompt chunks, shortest rest first, within the batch's
         tokens and the step's time bound: ``ALONE_FACTOR`` times it for a prompt alone on the
-        engine, a share of it while an answer holds text back."""
+        engine, a share of it while a reader waits for an answer's next text."""
         shape = StepShape()
         tokens_left = self._batch_tokens
         for progress in self._running:
@@ -471,15 +483,18 @@ class Scheduler:
         bound_s = self.step_bound_s
         if plan.decode_tokens == 0 and len(prefilling) == 1 and prefilling[0].request.answers:
             bound_s *= ALONE_FACTOR
-        elif any(p.phase is Phase.DECODE and p.text.holding for p in self._running):
-            bound_s *= HELD_TEXT_SHARE
+        elif any(self._reader_waits_for_next_text(p) for p in self._running):
+            bound_s *= SHORT_STEP_SHARE
         for progress in prefilling:
             if tokens_left <= 0:
                 break
             start = len(progress.slot.tokens)
             fits = self.cost.max_chunk(shape, start, bound_s)
-            # The first prompt in line always moves on; a draft only in a step of its own.
+            # The first prompt in line always moves on; a draft only in a step of its own; a
+            # question about to be answered is read whole.
             first = len(plan.chunks) == (0 if progress.request.draft else plan.decode_tokens)
+            if progress.request.answers and progress.prompt_left <= SHORT_PROMPT:
+                fits = progress.prompt_left
             n = min(progress.prompt_left, tokens_left, max(fits, MIN_CHUNK if first else 0))
             if n <= 0:
                 break
