@@ -46,6 +46,7 @@ from chatbot.engines import chat_format
 from chatbot.engines.chat_format import RenderedPrompt, Tokenize
 from chatbot.engines.llama_context import LlamaContext
 from chatbot.engines.stops import TRANSCRIPT_STOPS, Stops
+from chatbot.kvcache.keys import common_prefix_length
 from chatbot.models.domain import ChatMessage
 from chatbot.models.errors import InvalidRequest
 
@@ -165,7 +166,7 @@ class TemplateFormat(PromptFormat):
             )[0]
             for chat in (c[:-1] for c in chats)
         ]
-        shares = [_common_prefix(a, b) / len(a) for a, b in itertools.pairwise(prompts)]
+        shares = [common_prefix_length(a, b) / len(a) for a, b in itertools.pairwise(prompts)]
         last = chats[-1][:-1]
         rendered = chat_format.prompt_text(self.render(last, public_messages=1))
         return TemplateCheck(
@@ -273,12 +274,3 @@ def _trimmed(content: str, before: str, after: str) -> str:
     if side == "right":
         return content.rstrip()
     return content
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
