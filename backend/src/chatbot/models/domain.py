@@ -201,7 +201,7 @@ class BatchStats:
     predicted_step_seconds: float = 0.0
     """Time the engine's cost model predicted for them."""
     step_bound_seconds: float = 0.0
-    """The most a step may cost while anyone else waits on the engine."""
+    """The most a step may cost (``CHATBOT_STEP_BOUND_MS``)."""
     step_seconds_buckets: tuple[int, ...] = ()
     """Steps by time taken: a count per bucket of ``STEP_SECONDS_BUCKETS``, then one for
     the slower ones."""

@@ -193,7 +193,8 @@ class _BatchCollector(Collector):
         )
         yield GaugeMetricFamily(
             "chatbot_engine_step_bound_seconds",
-            "The most a step may cost while anyone else waits on the engine.",
+            "The most a step may cost (a quarter of it while a reader waits for an answer's "
+            "next text, four times it for a prompt alone on the engine).",
             value=stats.step_bound_seconds,
         )
 
