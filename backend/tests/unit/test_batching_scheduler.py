@@ -393,15 +393,21 @@ def test_a_cancelled_request_ends_in_every_phase(phase: str) -> None:
     assert s.counts() == (1, 0)  # Bob took the sequence over
 
 
-def test_a_cancelled_request_ends_while_its_saved_state_is_read() -> None:
-    s = make(sequences=1)
+def alice_back_from_ram(s: Scheduler) -> Client:
+    """Alice's follow-up, once her first turn's sequence went to Bob: her state is in RAM
+    only (the answer's last token is never evaluated, so the state holds three of four)."""
     first = Client(prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8))
     s.submit(first.request)
     run_to_end(s, first)
     other = Client(prompt(BOB, length=40))
     s.submit(other.request)
-    run_to_end(s, other)  # Alice's sequence is Bob's now: her state is in RAM only
-    again = Client(PromptKey([*first.request.key.tokens, 7, 7, 7, 9], len(PUBLIC), ALICE))
+    run_to_end(s, other)
+    return Client(PromptKey([*first.request.key.tokens, 7, 7, 7, 9], len(PUBLIC), ALICE))
+
+
+def test_a_cancelled_request_ends_while_its_saved_state_is_read() -> None:
+    s = make(sequences=1)
+    again = alice_back_from_ram(s)
     plan = admit(s, again)
     assert progress_of(s, again).phase is Phase.RESTORING
     again.request.cancelled.set()
@@ -414,13 +420,7 @@ def test_a_cancelled_request_ends_while_its_saved_state_is_read() -> None:
 
 def test_a_saved_state_is_read_off_the_step_then_loaded() -> None:
     s = make(sequences=1)
-    first = Client(prompt(ALICE, 1, 2, 3, 4, 5, 6, 7, 8))
-    s.submit(first.request)
-    run_to_end(s, first)
-    other = Client(prompt(BOB, length=40))
-    s.submit(other.request)
-    run_to_end(s, other)
-    again = Client(PromptKey([*first.request.key.tokens, 7, 7, 7, 9], len(PUBLIC), ALICE))
+    again = alice_back_from_ram(s)
     plan = admit(s, again)
     assert not plan.loads
     assert all(c.progress.request is not again.request for c in plan.chunks)

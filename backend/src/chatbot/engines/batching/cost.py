@@ -46,9 +46,6 @@ class StepShape:
         self.tokens += n
         self.cells += n * start + n * (n + 1) // 2
 
-    def copy(self) -> StepShape:
-        return StepShape(self.tokens, self.cells)
-
 
 @dataclass(frozen=True, slots=True)
 class Coefficients:

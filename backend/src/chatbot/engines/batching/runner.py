@@ -155,5 +155,11 @@ def serve(scheduler: Scheduler, runner: ModelRunner) -> None:
         except Exception as exc:
             logger.exception("the engine failed while carrying out a step")
             output = StepOutput(decode_error=exc)
-        scheduler.update_from_output(plan, output)
+        try:
+            scheduler.update_from_output(plan, output)
+        except Exception:
+            # A bug here leaves the plan half applied: end every running request with an
+            # error rather than leave its client waiting, and go on serving new ones.
+            logger.exception("the engine failed while applying a step")
+            scheduler.fail_running()
     runner.close()

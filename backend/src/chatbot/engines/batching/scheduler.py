@@ -651,6 +651,10 @@ class Scheduler:
         plan.saves.append(Save(slot.seq_id, held, slot.drafted_from))
         slot.saving = Future()  # until the runner hands over the real one
 
+    def fail_running(self) -> None:
+        """End every running request with an error, its sequence cleared."""
+        self._fail(list(self._running))
+
     def _fail(self, progresses: Sequence[Progress]) -> None:
         """The context failed under these requests: their sequences' contents are unknown."""
         for progress in progresses:
