@@ -94,12 +94,18 @@ def test_a_client_that_hangs_up_aborts_the_vllm_request(stack: Stack, front: str
     with client(front) as alice:
         conversation_id = alice.post("/v1/conversations", json={}).json()["id"]
         path = f"/v1/conversations/{conversation_id}/messages"
-        body = {"content": LONG_ANSWER, "max_tokens": 400}
+        # Greedy, so the answer is the same long count every run: sampled, the model may end
+        # it after a few words, before the client has left.
+        body = {"content": LONG_ANSWER, "max_tokens": 400, "temperature": 0.0}
         before = finished()
         with alice.stream("POST", path, json=body) as response:
-            for name, _ in parse_events(response.iter_lines()):
-                if name == "token":
+            events = parse_events(response.iter_lines())
+            tokens = 0
+            for name, _ in events:
+                tokens += name == "token"
+                if tokens == 8:
                     break
+            assert tokens == 8, "the answer ended before the client left"
             assert running() == 1  # the answer is being generated as the client leaves
         wait_until(lambda: running() == 0)
         wait_until(lambda: alice.get(path).json()["data"][-1]["status"] == "cancelled")
