@@ -16,7 +16,7 @@ from chatbot.engines.batching.requests import Phase, Progress, Request
 from chatbot.engines.batching.scheduler import (
     ALONE_FACTOR,
     MIN_CHUNK,
-    SHORT_PROMPT,
+    READS_DEFERRED,
     SHORT_STEP_SHARE,
     Scheduler,
 )
@@ -28,14 +28,15 @@ from chatbot.models.errors import EngineFailure
 PUBLIC = list(range(1000, 1016))  # a 16-token public preamble
 ALICE, BOB, CAROL = (owner_digest(u) for u in ("alice", "bob", "carol"))
 EOG = 0
-# 10 ms a step, 1 ms a token, 1 µs a cell: round numbers to reason with.
-COST = Coefficients(per_step_s=0.01, per_token_s=0.001, per_cell_s=1e-6)
+SPACE = 3  # a token that is a space alone
+# 10 ms a step, 1 ms a token, 2 ms an output, 1 µs a cell: round numbers to reason with.
+COST = Coefficients(per_step_s=0.01, per_token_s=0.001, per_output_s=0.002, per_cell_s=1e-6)
 BOUND_S = 0.1
 
 
 class Vocabulary:
     def piece(self, token: int) -> bytes:
-        return f" w{token}".encode()
+        return b" " if token == SPACE else f" w{token}".encode()
 
     def is_end_of_generation(self, token: int) -> bool:
         return token == EOG
@@ -301,7 +302,7 @@ def test_a_long_prompt_alone_takes_longer_steps() -> None:
     assert sum(len(c.tokens) for c in plan.chunks) < 512
 
 
-def test_while_others_stream_a_long_prompt_is_read_in_bounded_shrinking_chunks() -> None:
+def test_while_others_stream_a_long_prompt_is_read_in_steps_of_its_own() -> None:
     s = make(sequences=3, batch=512)
     streaming = Client(prompt(BOB, 1), max_tokens=1000)
     s.submit(streaming.request)
@@ -309,18 +310,27 @@ def test_while_others_stream_a_long_prompt_is_read_in_bounded_shrinking_chunks()
     long = Client(prompt(ALICE, length=1500))
     s.submit(long.request)
     chunks: list[int] = []
+    read = len(PUBLIC)  # shared from Bob's sequence
+    answers_step_s, last_was_read = 0.0, True
     while not long.events:
         plan = step(s)
-        assert plan.decode_tokens == 1  # Bob's next token is in every step
-        (prefill,) = [c for c in plan.chunks if not c.tokens or c.progress.request is long.request]
-        chunks.append(len(prefill.tokens))
-        # Within the bound, but for the least a long prompt moves on by, and its last words
-        # (a question about to be answered is read whole).
-        last_words = prefill.wants_logits and len(prefill.tokens) <= SHORT_PROMPT
-        assert plan.predicted_s <= BOUND_S or len(prefill.tokens) == MIN_CHUNK or last_words
-    assert chunks[0] > chunks[-2] >= MIN_CHUNK  # deeper into the context, smaller chunks
-    # All but the public prefix, shared from Bob's sequence.
-    assert sum(chunks) + len(PUBLIC) == len(long.request.key.tokens)
+        read += sum(len(c.tokens) for c in plan.chunks if c.progress.request is long.request)
+        if plan.decode_tokens:
+            # Bob's next token alone: Alice's last words, deep in the context, cost too much
+            # to be read beside it.
+            assert plan.chunks[0].progress.request is streaming.request
+            answers_step_s, last_was_read = plan.predicted_s, False
+            continue
+        assert not last_was_read  # Bob's next token never waits for two steps
+        (chunk,) = plan.chunks
+        assert chunk.progress.request is long.request
+        chunks.append(len(chunk.tokens))
+        # With the answers' step before it, within the bound; but a long prompt always
+        # moves on by a few tokens.
+        assert answers_step_s + plan.predicted_s <= BOUND_S or len(chunk.tokens) == MIN_CHUNK
+        last_was_read = True
+    assert chunks[0] > chunks[-2] > 0  # deeper into the context, smaller chunks
+    assert read == len(long.request.key.tokens)
 
 
 def test_a_short_follow_up_is_read_before_a_long_prompt_goes_on() -> None:
@@ -344,7 +354,7 @@ def test_the_cost_model_predicts_from_tokens_and_positions() -> None:
     shallow.add(0, 100)
     deep.add(5000, 100)
     assert model.predict(deep) > model.predict(shallow)
-    n = model.max_chunk(StepShape(), 5000, BOUND_S)
+    n = model.max_chunk(StepShape(), 5000, BOUND_S, most=10_000)
     at_n, past_n = StepShape(), StepShape()
     at_n.add(5000, n)
     past_n.add(5000, n + 1)
@@ -352,17 +362,17 @@ def test_the_cost_model_predicts_from_tokens_and_positions() -> None:
 
 
 def test_the_cost_model_fits_the_steps_it_times() -> None:
-    truth = Coefficients(per_step_s=0.02, per_token_s=0.003, per_cell_s=5e-7)
+    truth = Coefficients(per_step_s=0.02, per_token_s=0.003, per_output_s=0.006, per_cell_s=5e-7)
     model = StepCostModel(COST)
-    for start, n in [(0, 1), (100, 1), (0, 64), (2000, 256), (6000, 128), (300, 8)] * 10:
+    steps = [(0, 1, 1), (100, 4, 4), (0, 64, 0), (2000, 256, 1), (6000, 128, 0), (300, 8, 8)]
+    for start, n, outputs in steps * 40:
         shape = StepShape()
-        shape.add(start, n)
-        model.observe(
-            shape, truth.per_step_s + truth.per_token_s * n + truth.per_cell_s * shape.cells
-        )
+        shape.add(start, n, outputs=outputs)
+        model.observe(shape, StepCostModel(truth).predict(shape))
     model.refit()
     fitted = model.coefficients
     assert fitted.per_token_s == pytest.approx(truth.per_token_s, rel=0.2)
+    assert fitted.per_output_s == pytest.approx(truth.per_output_s, rel=0.2)
     assert fitted.per_cell_s == pytest.approx(truth.per_cell_s, rel=0.2)
 
 
@@ -589,19 +599,29 @@ def test_a_draft_takes_an_idle_sequence_but_never_a_running_one() -> None:
     assert s.draft_stats().dropped == 1
 
 
-def test_steps_are_short_while_a_reader_waits_for_an_answers_next_text() -> None:
+def test_a_long_read_waits_while_a_reader_waits_for_an_answers_first_text() -> None:
     s = make(sequences=3, batch=512)
     long = Client(prompt(ALICE, length=1500))
     s.submit(long.request)
     step(s)
-    bob = Client(prompt(BOB, 1), max_tokens=1000, stops=Stops(("w9 w9 w9",)))
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
     s.submit(bob.request)
 
-    def short(plan: StepPlan) -> bool:
-        prefill = plan.shape.tokens - plan.decode_tokens
-        return plan.predicted_s <= SHORT_STEP_SHARE * BOUND_S or prefill <= MIN_CHUNK
+    def reads(plan: StepPlan) -> bool:
+        return any(c.progress.request is long.request for c in plan.chunks)
 
-    assert short(step(s))  # Bob's question, about to be answered
-    assert not short(step(s))  # his first text showed: the whole bound
-    step(s, sample=lambda p: 9)  # " w9" may start the stop: held back
-    assert short(step(s))
+    plan = step(s, sample=lambda p: SPACE)  # nobody answers yet: Bob's question comes first
+    assert plan.chunks[0].progress.request is bob.request
+    # Bob's first token showed nothing: his first text is awaited, the long read waits ...
+    for _ in range(READS_DEFERRED + 1):
+        assert not reads(step(s, sample=lambda p: SPACE))
+    # ... but not for ever: a short step of its own.
+    plan = step(s)
+    assert reads(plan)
+    assert not plan.decode_tokens
+    assert plan.predicted_s <= SHORT_STEP_SHARE * BOUND_S or plan.shape.tokens == MIN_CHUNK
+    # His first text showed: answers' and reads' steps alternate.
+    assert not reads(step(s))
+    plan = step(s)
+    assert reads(plan)
+    assert plan.predicted_s > SHORT_STEP_SHARE * BOUND_S
