@@ -123,9 +123,10 @@ class Settings(BaseSettings):
         default=150,
         ge=10,
         le=10000,
-        description="The most one step of the embedded engine may cost, predicted from its "
-        "tokens and their positions: a long prompt is read in chunks that fit, so that others' "
-        "next tokens never wait longer. A prompt alone on the engine may take four times it.",
+        description="The most an answers' step of the embedded engine and the reads' step "
+        "after it may cost together, predicted from their tokens and positions: a long prompt "
+        "is read in chunks that fit, so that others' next tokens never wait longer. A prompt "
+        "alone on the engine may take steps of four times it.",
     )
     parallel: int = Field(
         default=16,

@@ -62,6 +62,11 @@ class StopScanner:
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
+    @property
+    def holding(self) -> bool:
+        """Text is held back until the next piece says whether it starts a stop."""
+        return bool(self._held)
+
     def flush(self) -> str:
         """The held-back text, once the stream ends without a stop."""
         held, self._held = self._held, ""

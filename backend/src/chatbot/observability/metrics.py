@@ -193,8 +193,8 @@ class _BatchCollector(Collector):
         )
         yield GaugeMetricFamily(
             "chatbot_engine_step_bound_seconds",
-            "The most a step may cost (a quarter of it while a reader waits for an answer's "
-            "next text, four times it for a prompt alone on the engine).",
+            "The most an answers' step and the reads' step after it may cost together (four "
+            "times it for a prompt alone on the engine).",
             value=stats.step_bound_seconds,
         )
 

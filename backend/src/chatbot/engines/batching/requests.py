@@ -119,6 +119,11 @@ class AnswerText:
     def stopped(self) -> bool:
         return self._scanner.stopped
 
+    @property
+    def holding(self) -> bool:
+        """Text sampled but not shown yet (a line break that may start a stop, spaces)."""
+        return bool(self._held_space) or self._scanner.holding
+
     def feed(self, piece: bytes) -> str:
         text = self._held_space + self._scanner.feed(self._decoder.decode(piece))
         if self.first_text_at is None:

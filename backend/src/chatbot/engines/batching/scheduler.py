@@ -148,6 +148,7 @@ class Scheduler:
         self._pending = StepPlan()  # what the last update left for the next step to carry out
         self._answers_steps = 0  # answers' steps since the last reads' step
         self._answers_step_s = 0.0  # the last answers' step, predicted
+        self._reads_step_s = 0.0  # the reads' step just planned, predicted; 0 after another
         self._others_served_at = -ALONE_AFTER_S  # a step served more than one request
         self._lock = threading.Condition()
         self._woken = False
@@ -515,16 +516,19 @@ class Scheduler:
             waits = self._reader_waits()
             overdue = self._answers_steps > READS_DEFERRED
             if not waits or overdue:
-                budget_s = (
-                    self.step_bound_s * SHORT_STEP_SHARE
-                    if waits
-                    else (self.step_bound_s - self._answers_step_s)
-                )
+                if waits:
+                    budget_s = self.step_bound_s * SHORT_STEP_SHARE
+                elif any(p.text.holding for p in decoding):
+                    # Text held back at a possible stop shows after the next answers' step:
+                    # that one counts too.
+                    budget_s = self.step_bound_s - 2 * self._answers_step_s
+                else:
+                    budget_s = self.step_bound_s - self._answers_step_s
                 self._read(plan, shape, reads, budget_s, at_least=MIN_CHUNK if overdue else 0)
                 if plan.chunks:
                     self._answers_steps = 0
                     plan.shape = shape
-                    plan.predicted_s = self.cost.predict(shape)
+                    plan.predicted_s = self._reads_step_s = self.cost.predict(shape)
                     return
         for progress in decoding:
             start = len(progress.slot.tokens)
@@ -534,8 +538,17 @@ class Scheduler:
         for progress in questions:
             start = len(progress.slot.tokens)
             tokens = progress.request.key.tokens[start:]
+            with_question = replace(shape)
+            with_question.add(start, len(tokens), outputs=1)
+            # The answers waited for the reads' step before: a question that would take them
+            # past the bound is read in the next answers' step, which comes right after.
+            if decoding and self._reads_step_s + self.cost.predict(with_question) > (
+                self.step_bound_s
+            ):
+                continue
             plan.chunks.append(Chunk(progress, start, tokens, True))
-            shape.add(start, len(tokens), outputs=1)
+            shape = with_question
+        self._reads_step_s = 0.0
         now = time.monotonic()
         if decoding:
             self._answers_steps += 1
