@@ -14,6 +14,7 @@ from chatbot.engines.batching.cost import Coefficients, StepCostModel, StepShape
 from chatbot.engines.batching.plan import StepOutput, StepPlan
 from chatbot.engines.batching.requests import Phase, Progress, Request
 from chatbot.engines.batching.scheduler import (
+    ALONE_AFTER_S,
     ALONE_FACTOR,
     MIN_CHUNK,
     READS_DEFERRED,
@@ -331,6 +332,58 @@ def test_while_others_stream_a_long_prompt_is_read_in_steps_of_its_own() -> None
         last_was_read = True
     assert chunks[0] > chunks[-2] > 0  # deeper into the context, smaller chunks
     assert read == len(long.request.key.tokens)
+
+
+def test_a_prompt_is_alone_once_nobody_else_was_served_for_a_while() -> None:
+    s = make(batch=512)
+    bob = Client(prompt(BOB, 1))
+    s.submit(bob.request)
+    run_to_end(s, bob)
+    long = Client(prompt(ALICE, length=3000))
+    s.submit(long.request)
+    # Bob just got his answer and may ask again at once: he would wait on a long step.
+    assert step(s).predicted_s <= BOUND_S
+    s._others_served_at -= ALONE_AFTER_S
+    assert step(s).predicted_s > BOUND_S
+
+
+def reading_beside(s: Scheduler, streaming: Client) -> Client:
+    """Bob answering, a long prompt of Alice's being read beside him, up to the step after
+    the first reads' step."""
+    s.submit(streaming.request)
+    step(s)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    while step(s).decode_tokens:
+        pass
+    return long
+
+
+def test_a_question_that_would_hold_the_answers_past_the_bound_waits_one_step() -> None:
+    s = make(sequences=3, batch=512)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    reading_beside(s, bob)
+    carol = Client(prompt(CAROL, length=30))
+    s.submit(carol.request)
+    plan = step(s)
+    # Bob waited for the reads' step: Carol's question read now would take him past it.
+    assert [c.progress.request for c in plan.chunks] == [bob.request]
+    plan = step(s)
+    assert [c.progress.request for c in plan.chunks] == [bob.request, carol.request]
+    assert plan.predicted_s <= BOUND_S
+
+
+def test_text_held_at_a_possible_stop_counts_the_next_answers_step_in() -> None:
+    s = make(sequences=3, batch=512)
+    bob = Client(prompt(BOB, 1), max_tokens=1000, stops=Stops(("w9 w9 w9",)))
+    reading_beside(s, bob)
+    answers = step(s, sample=lambda p: 9)  # " w9" may start the stop: held back
+    assert answers.decode_tokens == 1
+    assert bob.text == "w7 w7"
+    reads = step(s)
+    assert reads.decode_tokens == 0
+    # The held text shows after the next answers' step: both within the bound.
+    assert 2 * answers.predicted_s + reads.predicted_s <= BOUND_S
 
 
 def test_a_short_follow_up_is_read_before_a_long_prompt_goes_on() -> None:
