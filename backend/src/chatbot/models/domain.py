@@ -196,6 +196,9 @@ class BatchStats:
     """Tokens evaluated in all those batches: answer tokens and prompt chunks."""
     decode_tokens: int
     """Answer tokens among them."""
+    answer_steps: int = 0
+    """Batches that carried answer tokens: ``decode_tokens / answer_steps`` answers share
+    each of them."""
     step_seconds: float = 0.0
     """Time those batches took."""
     predicted_step_seconds: float = 0.0

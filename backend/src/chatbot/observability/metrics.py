@@ -173,6 +173,12 @@ class _BatchCollector(Collector):
             "Answer tokens the engine evaluated.",
             value=stats.decode_tokens,
         )
+        yield CounterMetricFamily(
+            "chatbot_engine_answer_steps",
+            "Batches that carried answer tokens: against chatbot_engine_decode_tokens, how many "
+            "answers share a step.",
+            value=stats.answer_steps,
+        )
         if not stats.step_seconds_buckets:
             return
         cumulative = list(accumulate(stats.step_seconds_buckets))

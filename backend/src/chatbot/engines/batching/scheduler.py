@@ -654,6 +654,7 @@ class Scheduler:
                 steps=s.steps + 1,
                 batch_tokens=s.batch_tokens + plan.shape.tokens,
                 decode_tokens=s.decode_tokens + plan.decode_tokens,
+                answer_steps=s.answer_steps + (plan.decode_tokens > 0),
                 step_seconds=s.step_seconds + elapsed_s,
                 predicted_step_seconds=s.predicted_step_seconds + plan.predicted_s,
                 step_seconds_buckets=tuple(buckets),
