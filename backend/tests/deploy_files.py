@@ -44,6 +44,7 @@ CHATBOT_FAMILIES: dict[str, str] = {
     "chatbot_engine_batch_tokens": "counter",
     "chatbot_engine_decode_tokens": "counter",
     "chatbot_engine_answer_steps": "counter",
+    "chatbot_engine_side_read_tokens": "counter",
     "chatbot_engine_step_seconds": "histogram",
     "chatbot_engine_predicted_step_seconds": "counter",
     "chatbot_engine_step_bound_seconds": "gauge",

@@ -128,6 +128,13 @@ class Settings(BaseSettings):
         "is read in chunks that fit, so that others' next tokens never wait longer. A prompt "
         "alone on the engine may take steps of four times it.",
     )
+    side_read: bool = Field(
+        default=True,
+        description="On a machine of two cores or more, a long prompt (1,024 tokens or more "
+        "to read) that arrives while others are answered is read by a second llama.cpp "
+        "context on a core of its own, and its KV handed to its sequence: the answers keep "
+        "the other core.",
+    )
     parallel: int = Field(
         default=16,
         ge=1,

@@ -4,6 +4,7 @@ vocabulary turns token ``t`` into the word ``wt``; token 0 ends a generation."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -81,8 +82,33 @@ def prompt(owner: bytes, *private: int, length: int = 0) -> PromptKey:
     return PromptKey(tokens, len(PUBLIC), owner)
 
 
+class SideReader:
+    """Plays the side reader: the test decides when (and whether) each read is done."""
+
+    context_tokens = 2048
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[PromptKey, int, threading.Event, Future[bytearray | None]]] = []
+
+    @property
+    def busy(self) -> bool:
+        return any(not future.done() for *_, future in self.reads)
+
+    def read(
+        self, key: PromptKey, upto: int, cancelled: threading.Event
+    ) -> Future[bytearray | None]:
+        future: Future[bytearray | None] = Future()
+        self.reads.append((key, upto, cancelled, future))
+        return future
+
+
 def make(
-    *, sequences: int = 2, pool: int = 4096, batch: int = 256, cache: bool = True
+    *,
+    sequences: int = 2,
+    pool: int = 4096,
+    batch: int = 256,
+    cache: bool = True,
+    side: SideReader | None = None,
 ) -> Scheduler:
     kv = KVCache(namespace=b"test", chunk_tokens=4, ram_bytes=10**6, min_load_gain=1)
     return Scheduler(
@@ -94,6 +120,8 @@ def make(
         kv_cache=kv if cache else None,
         cost=StepCostModel(COST),
         step_bound_s=BOUND_S,
+        side=side,
+        side_read_tokens=1000,
     )
 
 
@@ -678,3 +706,76 @@ def test_a_long_read_waits_while_a_reader_waits_for_an_answers_first_text() -> N
     plan = step(s)
     assert reads(plan)
     assert plan.predicted_s > SHORT_STEP_SHARE * BOUND_S
+
+
+def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() -> None:
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    for _ in range(5):
+        plan = step(s)
+        # Bob alone in the shared context: his next token every step, nothing else.
+        assert [c.progress.request for c in plan.chunks] == [bob.request]
+    ((key, upto, _, read),) = side.reads
+    assert key == long.request.key
+    assert upto == len(key.tokens) - 1
+    read.set_result(bytearray(b"state"))
+    plan = step(s)
+    (handoff,) = plan.handoffs
+    assert handoff.progress.request is long.request
+    assert handoff.tokens == upto
+    assert s.stats().side_read_tokens == upto - len(PUBLIC)  # the public prefix was shared
+    # Its last token, cheap, is read beside Bob's in the same step: the answer starts.
+    assert [(c.progress.request, len(c.tokens)) for c in plan.chunks] == [
+        (bob.request, 1),
+        (long.request, 1),
+    ]
+    assert long.text
+
+
+def test_a_long_prompt_alone_is_read_in_the_shared_context() -> None:
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    assert side.reads == []  # alone, every core reads it
+
+
+def test_a_prompt_the_side_reader_failed_is_read_in_the_shared_context() -> None:
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    ((*_, read),) = side.reads
+    read.set_result(None)
+    run_to_end(s, long, limit=400)
+    assert long.finished.usage is not None
+    assert long.finished.usage.prompt_tokens == len(long.request.key.tokens)
+
+
+def test_a_request_cancelled_while_read_beside_stops_the_side_reader() -> None:
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    ((*_, cancelled, read),) = side.reads
+    long.request.cancelled.set()
+    step(s)
+    assert long.ended
+    assert cancelled.is_set()
+    read.set_result(bytearray(b"state"))
+    plan = step(s)
+    assert plan.handoffs == []

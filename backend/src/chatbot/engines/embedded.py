@@ -33,10 +33,11 @@ from chatbot.engines.base import (
 )
 from chatbot.engines.base import Engine as EngineBase
 from chatbot.engines.batching.cores import CoreShare
-from chatbot.engines.batching.cost import StepCostModel
+from chatbot.engines.batching.cost import CPU_PRIOR, StepCostModel
 from chatbot.engines.batching.requests import Request
 from chatbot.engines.batching.runner import ModelRunner, serve
 from chatbot.engines.batching.scheduler import PINNED_SEQUENCES, Scheduler
+from chatbot.engines.batching.side import SideReader
 from chatbot.engines.llama_context import LlamaContext
 from chatbot.engines.stops import Stops, request_stops
 from chatbot.kvcache import KVCache, PromptKey, owner_digest
@@ -120,13 +121,16 @@ class EmbeddedEngine(EngineBase):
         kv_cache: KVCache | None = None,
         step_bound_s: float = 0.15,
         template: str = chat_template.AUTO,
+        side_read: bool = True,
     ) -> None:
         """``context_tokens``: the most one sequence holds, prompt and answer. ``parallel``:
         sequences answering at once. ``pool_tokens``: KV cells shared by all sequences.
         ``kv_cache``: None recomputes every prompt in full (the benchmarks' baseline).
         ``threads``: None follows the machine's load, up to one thread per core.
         ``template``: ``auto``, ``transcript``, ``model`` or a ``.jinja`` file
-        (``chatbot.engines.chat_template.choose``)."""
+        (``chatbot.engines.chat_template.choose``). ``side_read``: on a machine of two cores
+        or more, a long prompt arriving while others are answered is read by a second
+        context on a core of its own (``batching/side.py``)."""
         self.model_id = model_id
         self._kv_cache = kv_cache
         self._model_path = model_path
@@ -139,6 +143,8 @@ class EmbeddedEngine(EngineBase):
         self._few_shot = few_shot
         self._step_bound_s = step_bound_s
         self._template = template
+        self._side_read = side_read
+        self._side: SideReader | None = None
         self._format: chat_template.PromptFormat | None = None
         self._template_check: chat_template.TemplateCheck | None = None
         self._context: LlamaContext | None = None
@@ -157,6 +163,10 @@ class EmbeddedEngine(EngineBase):
             threads=threads,
         )
         self._format, self._template_check = self._prompt_format(self._context)
+        if self._side_read and threads >= 2:
+            self._side = await asyncio.to_thread(
+                SideReader, self._context, self._model_path, context_tokens=self._context_tokens
+            )
         self._scheduler = Scheduler(
             self._context,
             sequences=self._parallel,
@@ -166,9 +176,12 @@ class EmbeddedEngine(EngineBase):
             kv_cache=self._kv_cache,
             cost=StepCostModel(),
             step_bound_s=self._step_bound_s,
+            side=self._side,
+            # One thread fewer: compute spread over the rest, at least one.
+            cost_beside=StepCostModel(CPU_PRIOR.times(threads / max(1, threads - 1))),
         )
         cores = CoreShare(threads) if self._threads is None else None  # else fixed
-        runner = ModelRunner(self._context, self._kv_cache, cores)
+        runner = ModelRunner(self._context, self._kv_cache, cores, threads=threads)
         self._worker = threading.Thread(
             target=serve, args=(self._scheduler, runner), name="llama", daemon=True
         )
@@ -237,6 +250,9 @@ class EmbeddedEngine(EngineBase):
             job.emit(None)
         # Waits for the thread to leave the context before the model is freed.
         await asyncio.to_thread(self._worker.join)
+        if self._side is not None:
+            await asyncio.to_thread(self._side.close)
+            self._side = None
         if self._kv_cache is not None:
             await asyncio.to_thread(self._kv_cache.flush)
             await asyncio.to_thread(self._kv_cache.close)

@@ -40,6 +40,7 @@ def create_engine(settings: Settings) -> Engine:
                 few_shot=settings.few_shot,
                 kv_cache=_kv_cache(settings, path) if settings.prefix_cache else None,
                 template=settings.chat_template,
+                side_read=settings.side_read,
             )
         case EngineKind.OPENAI:
             assert settings.openai_base_url is not None  # Settings refuse it otherwise

@@ -114,18 +114,24 @@ class LlamaContext:
         batch_tokens: int,
         threads: int,
         poll: int = 0,
+        model_of: LlamaContext | None = None,
     ) -> None:
         """``threads`` compute each step; ``poll`` is how long they busy-wait for work
         between operations, 0 to 100 (``ggml_threadpool_params.poll``): 0 sleeps at once,
-        which keeps a step from stalling when another process takes one of the cores."""
+        which keeps a step from stalling when another process takes one of the cores.
+        ``model_of``: use that context's model (loaded once), which must outlive this one."""
         # llama-cpp-python routes llama.cpp's log through this logger; its load-time
         # chatter is of no use to an operator.
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        self._model: Any = llama_cpp.llama_model_load_from_file(
-            str(model_path).encode(), model_params
-        )
+        self._owns_model = model_of is None
+        if model_of is not None:
+            self._model: Any = model_of._model
+        else:
+            model_params = llama_cpp.llama_model_default_params()
+            self._model = llama_cpp.llama_model_load_from_file(
+                str(model_path).encode(), model_params
+            )
         if not self._model:
             raise LlamaError(f"llama.cpp could not load {model_path}")
         self._vocab: Any = llama_cpp.llama_model_get_vocab(self._model)
@@ -143,7 +149,8 @@ class LlamaContext:
         params.no_perf = False
         self.ctx: Any = llama_cpp.llama_init_from_model(self._model, params)
         if not self.ctx:
-            llama_cpp.llama_model_free(self._model)
+            if self._owns_model:
+                llama_cpp.llama_model_free(self._model)
             raise LlamaError("llama.cpp could not create a context")
         self._threadpool = _Threadpool(threads, poll)
         _llama_attach_threadpool(self.ctx, self._threadpool.handle, self._threadpool.handle)
@@ -158,7 +165,8 @@ class LlamaContext:
         if self.ctx is not None:
             llama_cpp.llama_batch_free(self._batch)
             llama_cpp.llama_free(self.ctx)
-            llama_cpp.llama_model_free(self._model)
+            if self._owns_model:
+                llama_cpp.llama_model_free(self._model)
             self._threadpool.close()
             self.ctx = None
 

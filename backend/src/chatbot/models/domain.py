@@ -199,6 +199,9 @@ class BatchStats:
     answer_steps: int = 0
     """Batches that carried answer tokens: ``decode_tokens / answer_steps`` answers share
     each of them."""
+    side_read_tokens: int = 0
+    """Prompt tokens read by the side reader, beside the answers, and handed to their
+    sequence."""
     step_seconds: float = 0.0
     """Time those batches took."""
     predicted_step_seconds: float = 0.0

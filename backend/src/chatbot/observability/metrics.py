@@ -174,6 +174,12 @@ class _BatchCollector(Collector):
             value=stats.decode_tokens,
         )
         yield CounterMetricFamily(
+            "chatbot_engine_side_read_tokens",
+            "Prompt tokens the side reader read beside the answers, on a core of its own, "
+            "and handed to their sequence.",
+            value=stats.side_read_tokens,
+        )
+        yield CounterMetricFamily(
             "chatbot_engine_answer_steps",
             "Batches that carried answer tokens: against chatbot_engine_decode_tokens, how many "
             "answers share a step.",

@@ -73,6 +73,14 @@ class Coefficients:
     per_output_s: float
     per_cell_s: float
 
+    def times(self, factor: float) -> Coefficients:
+        return Coefficients(
+            self.per_step_s * factor,
+            self.per_token_s * factor,
+            self.per_output_s * factor,
+            self.per_cell_s * factor,
+        )
+
 
 # Measured on the 2-core CPU (Gemma 3 270M Q4_K_M, 2 threads, 2026-12-05): one answer token
 # 13 ms, four 29 ms (9 ms without their logits); 512 prompt tokens 0.88 s at position 0 and
@@ -84,6 +92,7 @@ CPU_PRIOR = Coefficients(
 
 class StepCostModel:
     def __init__(self, prior: Coefficients = CPU_PRIOR) -> None:
+        self.prior = prior
         self._prior = prior
         self.coefficients = prior
         self._steps: deque[tuple[int, int, int, float]] = deque(maxlen=_WINDOW)

@@ -43,6 +43,16 @@ class Load:
 
 
 @dataclass(frozen=True, slots=True)
+class Handoff:
+    """Copy the state the side reader computed, ``tokens`` of ``progress``'s prompt, into
+    its sequence."""
+
+    progress: Progress
+    tokens: int
+    payload: bytearray
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """Tokens of one sequence evaluated in this step: one answer token, or part of a prompt."""
 
@@ -61,11 +71,14 @@ class StepPlan:
     evictions: list[int] = field(default_factory=list)
     admissions: list[Admission] = field(default_factory=list)
     loads: list[Load] = field(default_factory=list)
+    handoffs: list[Handoff] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
     decode_tokens: int = 0
     """Chunks that are one answer token each (they come first)."""
     shape: StepShape = field(default_factory=StepShape)
     predicted_s: float = 0.0
+    beside_side_reader: bool = False
+    """The side reader is reading: the step computes on one thread fewer."""
 
     def is_empty(self) -> bool:
         return not (
@@ -74,6 +87,7 @@ class StepPlan:
             or self.evictions
             or self.admissions
             or self.loads
+            or self.handoffs
             or self.chunks
         )
 

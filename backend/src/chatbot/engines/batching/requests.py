@@ -42,6 +42,8 @@ class Request:
 class Phase(Enum):
     RESTORING = "restoring"
     """Waiting for a saved state to be read from its tier, off the worker thread."""
+    SIDE = "side"
+    """Being read by the side reader (``side.py``), whose state then comes into the sequence."""
     PREFILL = "prefill"
     DECODE = "decode"
 
@@ -93,6 +95,8 @@ class Progress:
     first_sample_at: float | None = None
     draft_tokens: int = 0
     """Of the tokens the sequence held for it at admission, those a draft had computed."""
+    read_beside: bool = False
+    """Handed to the side reader once: never again, whatever came of it."""
 
     @property
     def prompt_left(self) -> int:

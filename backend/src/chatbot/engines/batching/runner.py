@@ -22,12 +22,21 @@ class ModelRunner:
     """Owns the context and the requests' sampler chains."""
 
     def __init__(
-        self, context: LlamaContext, kv_cache: KVCache | None, cores: CoreShare | None
+        self,
+        context: LlamaContext,
+        kv_cache: KVCache | None,
+        cores: CoreShare | None,
+        *,
+        threads: int,
     ) -> None:
-        """``cores``: adapts the thread count to the machine's load; None keeps it fixed."""
+        """``cores``: adapts the thread count to the machine's load; None keeps ``threads``.
+        While the side reader reads, on a thread of its own, steps compute on one thread
+        fewer."""
         self._context = context
         self._kv_cache = kv_cache
         self._cores = cores
+        self._max_threads = threads
+        self._threads = threads
         self._samplers: dict[Progress, Sampler] = {}
 
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -55,6 +64,11 @@ class ModelRunner:
                 continue
             if reuse.tokens != load.restore.tokens:
                 output.diverged[load.progress] = reuse
+        for handoff in plan.handoffs:
+            if not self._context.import_state(handoff.progress.slot.seq_id, handoff.payload):
+                output.failed[handoff.progress] = LlamaError(
+                    "llama.cpp refused the state of a prompt read beside the answers"
+                )
         items: list[BatchItem] = []
         wanted: list[tuple[Progress, int]] = []
         for chunk in plan.chunks:
@@ -66,6 +80,7 @@ class ModelRunner:
                 items.append(BatchItem(token, chunk.start + i, seq_id, chunk.wants_logits and last))
             if chunk.wants_logits:
                 wanted.append((chunk.progress, len(items) - 1))
+        self._follow_the_load(plan.beside_side_reader)
         if not items:
             return output
         started = time.perf_counter()
@@ -80,17 +95,20 @@ class ModelRunner:
         for progress, index in wanted:
             output.sampled[progress] = self._samplers[progress].sample(self._context, index)
         output.elapsed_s = time.perf_counter() - started
-        self._follow_the_load()
         return output
 
-    def _follow_the_load(self) -> None:
-        threads = self._cores.update() if self._cores is not None else None
-        if threads is not None:
+    def _follow_the_load(self, beside_side_reader: bool) -> None:
+        if self._cores is not None and self._cores.update() is not None:
             logger.info(
                 "other work keeps %.1f cores busy: computing on %d threads",
-                self._cores.others if self._cores is not None else 0.0,
-                threads,
+                self._cores.others,
+                self._cores.threads,
             )
+        threads = self._cores.threads if self._cores is not None else self._max_threads
+        if beside_side_reader:
+            threads = max(1, threads - 1)
+        if threads != self._threads:
+            self._threads = threads
             self._context.set_threads(threads)
 
     def close(self) -> None:

@@ -55,7 +55,15 @@ from typing import Protocol
 
 from chatbot.engines.base import Finished, FinishReason, TokenDelta
 from chatbot.engines.batching.cost import StepCostModel, StepShape
-from chatbot.engines.batching.plan import Admission, Chunk, Load, Save, StepOutput, StepPlan
+from chatbot.engines.batching.plan import (
+    Admission,
+    Chunk,
+    Handoff,
+    Load,
+    Save,
+    StepOutput,
+    StepPlan,
+)
 from chatbot.engines.batching.requests import AnswerText, Phase, Progress, Request, Slot
 from chatbot.kvcache import KVCache, PromptKey, Restore, Reuse
 from chatbot.kvcache.keys import shareable_prefix
@@ -88,6 +96,11 @@ it, and big chunks read a long prompt fastest; but a request arriving meanwhile 
 the step under way, so even then it has a bound (a 512-token chunk deep in the context
 takes over a second here)."""
 
+SIDE_READ_TOKENS = 1024
+"""Prompt tokens still to read from which a prompt arriving while others are answered is
+read by the side reader (``side.py``); shorter ones take a few steps here, cheaper than
+moving their state."""
+
 ALONE_AFTER_S = 1.0
 """A prompt is alone once nobody else has been served for this long: a user whose answer
 just ended is likely to ask again within moments, and would wait on a long step."""
@@ -108,6 +121,19 @@ class Vocabulary(Protocol):
     def is_end_of_generation(self, token: int) -> bool: ...
 
 
+class Side(Protocol):
+    """The side reader (``side.py``), as the scheduler uses it."""
+
+    context_tokens: int
+
+    @property
+    def busy(self) -> bool: ...
+
+    def read(
+        self, key: PromptKey, upto: int, cancelled: threading.Event
+    ) -> Future[bytearray | None]: ...
+
+
 class Scheduler:
     """``submit``, ``withdraw``, ``wake``, ``stop``, ``counts`` and ``stats`` may be called
     from any thread; the rest runs on the engine's worker thread."""
@@ -123,6 +149,9 @@ class Scheduler:
         kv_cache: KVCache | None,
         cost: StepCostModel,
         step_bound_s: float,
+        side: Side | None = None,
+        side_read_tokens: int = SIDE_READ_TOKENS,
+        cost_beside: StepCostModel | None = None,
     ) -> None:
         """``sequence_tokens``: the most one sequence holds, prompt and answer. The KV pool
         of ``pool_tokens`` cells is shared: a request is admitted once the pool has room for
@@ -136,8 +165,13 @@ class Scheduler:
         self._pool_tokens = pool_tokens
         self._batch_tokens = batch_tokens
         self._kv_cache = kv_cache
+        # Steps cost more on the thread fewer they have while the side reader reads: each
+        # case has a model of its own.
+        self._costs = {False: cost, True: cost_beside or StepCostModel(cost.prior.times(2))}
         self.cost = cost
         self.step_bound_s = step_bound_s
+        self._side = side
+        self._side_read_tokens = side_read_tokens
         self._slots = [Slot(i) for i in range(sequences)]
         self._pins = [Slot(sequences + i, pinned=True) for i in range(PINNED_SEQUENCES)]
         self._by_seq = {slot.seq_id: slot for slot in (*self._slots, *self._pins)}
@@ -256,8 +290,12 @@ class Scheduler:
         for progress in [p for p in self._running if p.request.cancelled.is_set()]:
             self._release(progress, plan, save=True)
         self._load_fetched(plan)
+        self._take_side_reads(plan)
         self._admit(plan)
         self._admit_drafts(plan)
+        self._read_beside(plan)
+        plan.beside_side_reader = self._side is not None and self._side.busy
+        self.cost = self._costs[plan.beside_side_reader]
         self._batch(plan)
         return plan
 
@@ -472,6 +510,51 @@ class Scheduler:
             progress.slot.borrowed = 0  # a saved state is loaded into cells of its own
             progress.reuse = Reuse(progress.restore.tokens, progress.restore.tier)
 
+    def _read_beside(self, plan: StepPlan) -> None:
+        """Hand a long prompt to the side reader, when others are being answered meanwhile
+        (alone, the shared context reads it faster, on every core)."""
+        side = self._side
+        if side is None or side.busy or len(self._running) < 2:
+            return
+        for progress in self._running:
+            request = progress.request
+            tokens = len(request.key.tokens)
+            if (
+                progress.phase is Phase.PREFILL
+                and not progress.read_beside
+                and not request.pin
+                and progress.prompt_left >= self._side_read_tokens
+                and tokens <= side.context_tokens
+            ):
+                progress.phase = Phase.SIDE
+                progress.read_beside = True
+                progress.fetched = side.read(request.key, tokens - 1, request.cancelled)
+                progress.fetched.add_done_callback(lambda _: self.wake())
+                return
+
+    def _take_side_reads(self, plan: StepPlan) -> None:
+        """Prompts the side reader has read: their state comes into their sequence in this
+        step, and their last token is evaluated in the shared context."""
+        for progress in self._running:
+            if progress.phase is not Phase.SIDE or progress.fetched is None:
+                continue
+            if not progress.fetched.done():
+                continue
+            payload = progress.fetched.result() if progress.fetched.exception() is None else None
+            progress.fetched = None
+            progress.phase = Phase.PREFILL
+            if payload is None:  # read in the shared context after all
+                continue
+            tokens = len(progress.request.key.tokens) - 1
+            plan.handoffs.append(Handoff(progress, tokens, payload))
+            with self._lock:
+                read = tokens - len(progress.slot.tokens)
+                self._stats = replace(
+                    self._stats, side_read_tokens=self._stats.side_read_tokens + read
+                )
+            progress.slot.tokens = array("i", progress.request.key.tokens[:tokens])
+            progress.slot.borrowed = 0  # the state comes into cells of its own
+
     def _is_question(self, progress: Progress) -> bool:
         """A prompt about to be answered, cheaply: read whole, in the answers' step."""
         if not progress.request.answers:
@@ -643,7 +726,7 @@ class Scheduler:
             plan.predicted_s * 1000,
             elapsed_s * 1000,
         )
-        self.cost.observe(plan.shape, elapsed_s)
+        self._costs[plan.beside_side_reader].observe(plan.shape, elapsed_s)
         bucket = bisect_left(STEP_SECONDS_BUCKETS, elapsed_s)
         with self._lock:
             s = self._stats
@@ -723,6 +806,8 @@ class Scheduler:
         slot = progress.slot
         slot.progress = None
         slot.used_at = self._stats.steps
+        if progress.phase is Phase.SIDE:
+            progress.request.cancelled.set()  # the side reader stops reading it
         if progress.request.draft:
             if progress.prompt_left:
                 self._count_draft(dropped=1)

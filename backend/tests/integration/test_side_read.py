@@ -1,0 +1,93 @@
+"""A long prompt read beside the answers by a second llama.cpp context (``batching/side.py``)
+on the real model: its answer is the one the shared context gives when it reads the prompt
+itself, and so is the answer that streams meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from chatbot.engines.base import Finished, GenerationRequest, SamplingParams, TokenDelta
+from chatbot.engines.embedded import EmbeddedEngine, state_namespace
+from chatbot.kvcache import KVCache
+from chatbot.models.domain import BatchStats, ChatMessage
+from tests.integration.test_batching import SYSTEM, ask
+
+REPORT = " ".join(
+    f"On day {day} the team shipped {day * 3} parcels from depot {day % 7} and logged "
+    f"{day * 11 % 40} returns, most of them from the northern route."
+    for day in range(1, 61)
+)
+QUESTION = REPORT + "\n\nOn which day were the most parcels shipped?"
+STREAMING = SamplingParams(max_tokens=400, temperature=0.0, top_p=1.0)
+COUNT = (
+    "Write the numbers from one to two hundred in words, separated by commas, on one line: "
+    "one, two, three, four, five,"
+)
+
+
+def engine(model_path: Path, *, side_read: bool) -> EmbeddedEngine:
+    return EmbeddedEngine(
+        model_path,
+        model_id="test",
+        context_tokens=4096,
+        batch_tokens=256,
+        threads=2,
+        parallel=2,
+        pool_tokens=8192,
+        queue_size=4,
+        few_shot=True,
+        kv_cache=KVCache(namespace=state_namespace(model_path), chunk_tokens=64, ram_bytes=2**30),
+        side_read=side_read,
+    )
+
+
+async def beside_a_stream(running: EmbeddedEngine) -> tuple[str, str, BatchStats]:
+    """Alice's long question, asked once Bob's answer streams: her answer and his."""
+    started = asyncio.Event()
+
+    async def bob() -> str:
+        request = GenerationRequest(
+            messages=(SYSTEM, ChatMessage(role="user", content=COUNT)),
+            sampling=STREAMING,
+            cache_salt="bob",
+            public_messages=1,
+        )
+        pieces: list[str] = []
+        async with await running.submit(request) as generation:
+            async for event in generation:
+                if isinstance(event, TokenDelta):
+                    pieces.append(event.text)
+                    started.set()
+                elif isinstance(event, Finished):
+                    assert event.finish_reason in ("stop", "length")
+        return "".join(pieces)
+
+    streaming = asyncio.create_task(bob())
+    await started.wait()
+    text, usage = await ask(running, [ChatMessage(role="user", content=QUESTION)], "alice")
+    assert usage.prompt_tokens > 1200
+    bob_text = await streaming
+    stats = running.batch_stats()
+    assert stats is not None
+    return text, bob_text, stats
+
+
+def test_a_long_prompt_read_beside_the_answers_gets_the_same_answer(model_path: Path) -> None:
+    async def run(side_read: bool) -> tuple[str, str, BatchStats]:
+        running = engine(model_path, side_read=side_read)
+        await running.start()
+        await running.warm((SYSTEM,))
+        try:
+            return await beside_a_stream(running)
+        finally:
+            await running.aclose()
+
+    beside, bob_beside, stats = asyncio.run(run(side_read=True))
+    in_place, bob_in_place, in_place_stats = asyncio.run(run(side_read=False))
+    # Greedy: the same answers, wherever Alice's prompt was read.
+    assert beside == in_place
+    assert bob_beside == bob_in_place
+    # The side reader read all of it but the public prefix and the last token.
+    assert stats.side_read_tokens > 1000
+    assert in_place_stats.side_read_tokens == 0
