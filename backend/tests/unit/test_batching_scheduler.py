@@ -23,7 +23,7 @@ from chatbot.engines.batching.scheduler import (
     Scheduler,
 )
 from chatbot.engines.stops import Stops
-from chatbot.kvcache import KVCache, PromptKey, owner_digest
+from chatbot.kvcache import KVCache, PromptKey, Reuse, owner_digest
 from chatbot.models.cache import CacheTier
 from chatbot.models.errors import EngineFailure
 
@@ -779,3 +779,23 @@ def test_a_request_cancelled_while_read_beside_stops_the_side_reader() -> None:
     read.set_result(bytearray(b"state"))
     plan = step(s)
     assert plan.handoffs == []
+
+
+def test_a_state_llama_cpp_refuses_is_read_in_the_shared_context() -> None:
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    ((*_, read),) = side.reads
+    read.set_result(bytearray(b"state"))
+    refused = {progress_of(s, long): Reuse(0, None)}  # the runner found the sequence empty
+    assert step(s, diverged=refused).handoffs
+    run_to_end(s, long, limit=400)
+    usage = long.finished.usage
+    assert usage is not None
+    assert usage.prompt_tokens == len(long.request.key.tokens)
+    assert usage.cached_tokens == 0  # all of it read again, the public prefix too

@@ -66,9 +66,8 @@ class ModelRunner:
                 output.diverged[load.progress] = reuse
         for handoff in plan.handoffs:
             if not self._context.import_state(handoff.progress.slot.seq_id, handoff.payload):
-                output.failed[handoff.progress] = LlamaError(
-                    "llama.cpp refused the state of a prompt read beside the answers"
-                )
+                logger.warning("llama.cpp refused the state of a prompt read beside the answers")
+                output.diverged[handoff.progress] = Reuse(0, None)  # its sequence is empty
         items: list[BatchItem] = []
         wanted: list[tuple[Progress, int]] = []
         for chunk in plan.chunks:

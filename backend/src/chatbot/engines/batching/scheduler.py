@@ -543,7 +543,9 @@ class Scheduler:
             payload = progress.fetched.result() if progress.fetched.exception() is None else None
             progress.fetched = None
             progress.phase = Phase.PREFILL
-            if payload is None:  # read in the shared context after all
+            # The state comes into cells of its own: room for those it shared, or it is
+            # read in the shared context after all.
+            if payload is None or not self._room_for(progress.slot.borrowed, plan):
                 continue
             tokens = len(progress.request.key.tokens) - 1
             plan.handoffs.append(Handoff(progress, tokens, payload))
@@ -554,6 +556,22 @@ class Scheduler:
                 )
             progress.slot.tokens = array("i", progress.request.key.tokens[:tokens])
             progress.slot.borrowed = 0  # the state comes into cells of its own
+
+    def _room_for(self, cells: int, plan: StepPlan) -> bool:
+        """Whether the pool can take ``cells`` more beside all it has promised, evicting
+        idle sequences (least recently used first) in ``plan`` if need be."""
+        idle = sorted(
+            (s for s in self._slots if s.progress is None and s.tokens and s.evictable),
+            key=lambda s: s.used_at,
+        )
+        running = sum(p.reserved for p in self._running)
+        busy = [s for s in self._slots if s.tokens and not s.evictable and s.progress is None]
+        held = sum(len(s.tokens) - s.borrowed for s in (*self._pins, *busy, *idle))
+        while running + held + cells > self._pool_tokens and idle:
+            victim = idle.pop(0)
+            held -= len(victim.tokens) - victim.borrowed
+            self._evict(victim, plan)
+        return running + held + cells <= self._pool_tokens
 
     def _is_question(self, progress: Progress) -> bool:
         """A prompt about to be answered, cheaply: read whole, in the answers' step."""
