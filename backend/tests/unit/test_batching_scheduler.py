@@ -799,3 +799,16 @@ def test_a_state_llama_cpp_refuses_is_read_in_the_shared_context() -> None:
     assert usage is not None
     assert usage.prompt_tokens == len(long.request.key.tokens)
     assert usage.cached_tokens == 0  # all of it read again, the public prefix too
+
+
+def test_a_draft_is_never_read_beside_the_answers() -> None:
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)
+    draft = draft_of(prompt(ALICE, length=1500))
+    s.submit_draft(draft.request)
+    for _ in range(3):
+        step(s)
+    assert side.reads == []  # it gets what Bob leaves, in the shared context
