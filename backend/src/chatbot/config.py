@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     )
     side_read: bool = Field(
         default=True,
-        description="On a machine of two cores or more, a long prompt (1,024 tokens or more "
+        description="On a machine of two cores or more, a long prompt (2,048 tokens or more "
         "to read) that arrives while others are answered is read by a second llama.cpp "
         "context on a core of its own, and its KV handed to its sequence: the answers keep "
         "the other core.",
