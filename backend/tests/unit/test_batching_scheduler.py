@@ -737,6 +737,18 @@ def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() 
     assert long.text
 
 
+def read_beside_bob() -> tuple[Scheduler, SideReader, Client]:
+    """Bob answering, and Alice's long prompt handed to the side reader."""
+    side = SideReader()
+    s = make(sequences=3, batch=512, side=side)
+    s.submit(Client(prompt(BOB, 1), max_tokens=1000).request)
+    step(s)
+    long = Client(prompt(ALICE, length=1500))
+    s.submit(long.request)
+    step(s)
+    return s, side, long
+
+
 def test_a_long_prompt_alone_is_read_in_the_shared_context() -> None:
     side = SideReader()
     s = make(sequences=3, batch=512, side=side)
@@ -747,14 +759,7 @@ def test_a_long_prompt_alone_is_read_in_the_shared_context() -> None:
 
 
 def test_a_prompt_the_side_reader_failed_is_read_in_the_shared_context() -> None:
-    side = SideReader()
-    s = make(sequences=3, batch=512, side=side)
-    bob = Client(prompt(BOB, 1), max_tokens=1000)
-    s.submit(bob.request)
-    step(s)
-    long = Client(prompt(ALICE, length=1500))
-    s.submit(long.request)
-    step(s)
+    s, side, long = read_beside_bob()
     ((*_, read),) = side.reads
     read.set_result(None)
     run_to_end(s, long, limit=400)
@@ -763,14 +768,7 @@ def test_a_prompt_the_side_reader_failed_is_read_in_the_shared_context() -> None
 
 
 def test_a_request_cancelled_while_read_beside_stops_the_side_reader() -> None:
-    side = SideReader()
-    s = make(sequences=3, batch=512, side=side)
-    bob = Client(prompt(BOB, 1), max_tokens=1000)
-    s.submit(bob.request)
-    step(s)
-    long = Client(prompt(ALICE, length=1500))
-    s.submit(long.request)
-    step(s)
+    s, side, long = read_beside_bob()
     ((*_, cancelled, read),) = side.reads
     long.request.cancelled.set()
     step(s)
@@ -782,14 +780,7 @@ def test_a_request_cancelled_while_read_beside_stops_the_side_reader() -> None:
 
 
 def test_a_state_llama_cpp_refuses_is_read_in_the_shared_context() -> None:
-    side = SideReader()
-    s = make(sequences=3, batch=512, side=side)
-    bob = Client(prompt(BOB, 1), max_tokens=1000)
-    s.submit(bob.request)
-    step(s)
-    long = Client(prompt(ALICE, length=1500))
-    s.submit(long.request)
-    step(s)
+    s, side, long = read_beside_bob()
     ((*_, read),) = side.reads
     read.set_result(bytearray(b"state"))
     refused = {progress_of(s, long): Reuse(0, None)}  # the runner found the sequence empty
