@@ -99,9 +99,10 @@ takes over a second here)."""
 SIDE_READ_TOKENS = 2048
 """Prompt tokens still to read from which a prompt arriving while others are answered is
 read by the side reader (``side.py``). Below, the shared context reads it sooner on all its
-cores: its chunks are cheap near the start of a context, and dear deep in one. Measured with
-two users streaming, a 1,500-token message took 7.0 s to its first token read here and 7.9 s
-read beside; 6,708 tokens beside four streaming users 44.7 s here and 28.2 s beside."""
+cores: its chunks are cheap near the start of a context, and dear deep in one. Measured in
+separate runs with two users streaming, a 1,500-token message took 7.0 s to its first token
+read here and 7.9 s read beside; 6,708 tokens beside four streaming users 44.7 s here and
+28.2 s beside."""
 
 ALONE_AFTER_S = 1.0
 """A prompt is alone once nobody else has been served for this long: a user whose answer
@@ -400,9 +401,13 @@ class Scheduler:
         key = request.key
         limit = len(key.tokens) - 1
         pinned = max((min(shareable_prefix(p.key, key), limit) for p in self._pins), default=0)
-        need = len(key.tokens) + max_new - pinned
+        return self._victims(len(key.tokens) + max_new - pinned, keep=slot)
+
+    def _victims(self, need: int, keep: Slot | None = None) -> list[Slot] | None:
+        """The idle sequences (but ``keep``) to evict, least recently used first, so that
+        the pool holds ``need`` more cells beside all it has promised; None if it cannot."""
         idle = sorted(
-            (s for s in self._slots if s.progress is None and s.tokens and s is not slot),
+            (s for s in self._slots if s.progress is None and s.tokens and s is not keep),
             key=lambda s: (not s.evictable, s.used_at),
         )
         running = sum(p.reserved for p in self._running)
@@ -516,7 +521,8 @@ class Scheduler:
         """Hand a long prompt to the side reader, when others are being answered meanwhile
         (alone, the shared context reads it faster, on every core). Not a draft: drafts get
         only what the others leave, and a newer one every few words typed would stop the
-        read each time (measured, a pasted document's TTFT on Enter went from 1.0 to 2.9 s)."""
+        read each time (measured, a pasted document's TTFT on Enter: 2.9 s with drafts read
+        beside, 3.7 s without, in two runs of ``python -m benchmarks typing``)."""
         side = self._side
         if side is None or side.busy or len(self._running) < 2:
             return
@@ -563,19 +569,11 @@ class Scheduler:
 
     def _room_for(self, cells: int, plan: StepPlan) -> bool:
         """Whether the pool can take ``cells`` more beside all it has promised, evicting
-        idle sequences (least recently used first) in ``plan`` if need be."""
-        idle = sorted(
-            (s for s in self._slots if s.progress is None and s.tokens and s.evictable),
-            key=lambda s: s.used_at,
-        )
-        running = sum(p.reserved for p in self._running)
-        busy = [s for s in self._slots if s.tokens and not s.evictable and s.progress is None]
-        held = sum(len(s.tokens) - s.borrowed for s in (*self._pins, *busy, *idle))
-        while running + held + cells > self._pool_tokens and idle:
-            victim = idle.pop(0)
-            held -= len(victim.tokens) - victim.borrowed
+        idle sequences in ``plan`` if need be."""
+        victims = self._victims(cells)
+        for victim in victims or ():
             self._evict(victim, plan)
-        return running + held + cells <= self._pool_tokens
+        return victims is not None
 
     def _is_question(self, progress: Progress) -> bool:
         """A prompt about to be answered, cheaply: read whole, in the answers' step."""
@@ -585,15 +583,11 @@ class Scheduler:
         rest.add(len(progress.slot.tokens), progress.prompt_left, outputs=1)
         return self.cost.predict(rest) <= QUESTION_SHARE * self.step_bound_s
 
-    def _reader_waits(self) -> bool:
+    @staticmethod
+    def _reader_waits(questions: list[Progress], decoding: list[Progress]) -> bool:
         """Someone waits for an answer's first text: a question about to be read, or an
         answer whose first token showed nothing yet (a space)."""
-        return any(
-            self._is_question(p)
-            if p.phase is Phase.PREFILL
-            else p.phase is Phase.DECODE and p.text.first_text_at is None
-            for p in self._running
-        )
+        return bool(questions) or any(p.text.first_text_at is None for p in decoding)
 
     def _batch(self, plan: StepPlan) -> None:
         """Answers' steps and reads' steps, alternating while both have work.
@@ -610,15 +604,14 @@ class Scheduler:
         ``ALONE_FACTOR`` times it for a prompt alone."""
         decoding = [p for p in self._running if p.phase is Phase.DECODE]
         prefilling = [p for p in self._running if p.phase is Phase.PREFILL]
-        questions = [p for p in prefilling if self._is_question(p)]
-        # Drafts last: they get only what the others leave.
-        reads = sorted(
-            (p for p in prefilling if not self._is_question(p)),
-            key=lambda p: (p.request.draft, p.prompt_left),
-        )
+        questions: list[Progress] = []
+        reads: list[Progress] = []
+        for progress in prefilling:
+            (questions if self._is_question(progress) else reads).append(progress)
+        reads.sort(key=lambda p: (p.request.draft, p.prompt_left))  # drafts get what is left
         shape = StepShape()
         if decoding and reads and self._answers_steps > 0:
-            waits = self._reader_waits()
+            waits = self._reader_waits(questions, decoding)
             overdue = self._answers_steps > READS_DEFERRED
             if not waits or overdue:
                 if waits:
