@@ -360,6 +360,19 @@ class Router(Service):
         log = self.log_dir / "router.log"
         self._launch(Process("vllm-router", command, _environment(), log, f"{self.url}/health"))
 
+    def metrics(self) -> str:
+        return httpx.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+
+    def wait_until_unhealthy(self, worker: str, timeout: float = 60.0) -> None:
+        """Until the router's health check has taken ``worker`` off its ring: until then it
+        still sends that worker's sessions there and answers 500 for them."""
+        deadline = time.monotonic() + timeout
+        series = f'vllm_router_worker_health{{worker="{worker}"}} '
+        while f"{series}0\n" not in self.metrics():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm-router still counts {worker} as healthy")
+            time.sleep(0.2)
+
 
 @contextmanager
 def stack(

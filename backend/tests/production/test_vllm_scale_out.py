@@ -77,6 +77,7 @@ def test_a_conversation_stays_on_one_replica_and_moves_with_its_kv_when_it_stops
         home, other = servers[homes[0]], servers[1 - homes[0]]
 
         home.stop()
+        router.wait_until_unhealthy(home.url)
         external = metric(other.metrics(), "vllm:external_prefix_cache_hits_total")
         end, counts = step(alice, conversation_id, "Tell me again about shelf 20.", servers)
         assert counts[1 - homes[0]] == 1
