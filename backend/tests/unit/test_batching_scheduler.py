@@ -641,7 +641,7 @@ def test_drafts_wait_for_requests_and_get_only_what_they_leave() -> None:
         assert plan.predicted_s <= BOUND_S
 
 
-def test_a_request_that_needs_a_drafts_sequence_stops_the_draft() -> None:
+def test_a_request_that_needs_a_drafts_sequence_pauses_the_draft() -> None:
     s = make(sequences=1)
     draft = draft_of(prompt(ALICE, length=1000))
     s.submit_draft(draft.request)
@@ -649,14 +649,23 @@ def test_a_request_that_needs_a_drafts_sequence_stops_the_draft() -> None:
     bob = Client(prompt(BOB, 1))
     s.submit(bob.request)
     plan = step(s)
-    assert draft.ended
-    assert not draft.failed
-    assert s.draft_stats().dropped == 1
+    assert not draft.ended
+    assert s.draft_stats().dropped == 0
     assert [p.request for p in plan.released] == [draft.request]
     # What the draft read is saved before Bob's request takes the sequence over.
     (save,) = plan.saves
     assert save.key.owner == ALICE
     assert [a.progress.request for a in plan.admissions] == [bob.request]
+    # Once Bob is answered, the draft goes on from its saved state, not from the start.
+    run_to_end(s, bob)
+    assert next_admitted(s) == [draft.request]
+    fetched = progress_of(s, draft).fetched
+    assert fetched is not None
+    fetched.result()
+    run_to_end(s, draft)
+    assert not draft.failed
+    read_again = s.draft_stats().tokens - len(draft.request.key.tokens)
+    assert 0 <= read_again < 4  # at most the saved state's last, partial chunk
 
 
 def test_a_draft_takes_an_idle_sequence_but_never_a_running_one() -> None:
@@ -676,8 +685,24 @@ def test_a_draft_takes_an_idle_sequence_but_never_a_running_one() -> None:
     late = draft_of(prompt(ALICE, 1, length=10))
     s.submit_draft(late.request)
     plan = step(s)
-    assert plan.admissions == []  # Carol is answering in the only sequence
-    assert s.draft_stats().dropped == 1
+    assert plan.admissions == []  # Carol is answering in the only sequence: it waits
+    run_to_end(s, carol)
+    assert next_admitted(s) == [late.request]
+    assert s.draft_stats().dropped == 0
+
+
+def test_a_waiting_draft_is_dropped_once_its_message_or_a_newer_draft_replaces_it() -> None:
+    s = make(sequences=1)
+    carol = Client(prompt(CAROL, 1), max_tokens=50)
+    s.submit(carol.request)
+    step(s)
+    late = draft_of(prompt(ALICE, 1, length=10))
+    s.submit_draft(late.request)
+    step(s)
+    late.request.cancelled.set()
+    run_to_end(s, carol)
+    plan = step(s)
+    assert plan.admissions == []
 
 
 def test_a_long_read_waits_while_a_reader_waits_for_an_answers_first_text() -> None:

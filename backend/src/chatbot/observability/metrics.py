@@ -234,7 +234,7 @@ class _DraftCollector(Collector):
         yield CounterMetricFamily(
             "chatbot_engine_drafts_dropped",
             "Drafts the engine stopped before their end: replaced by a newer draft or the "
-            "message, dropped by the client, or their sequence needed by a request.",
+            "message, or dropped by the client (one paused for a request goes on later).",
             value=stats.dropped,
         )
         yield CounterMetricFamily(

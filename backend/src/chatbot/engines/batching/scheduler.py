@@ -211,8 +211,8 @@ class Scheduler:
             self._wake()
 
     def submit_draft(self, request: Request) -> None:
-        """Read ``request`` (a draft) when no request waits and a sequence is free without
-        evicting anyone's; else it is dropped."""
+        """Read ``request`` (a draft) when no request waits and it fits without taking
+        anything from a running request (``_admit_drafts``)."""
         with self._lock:
             if self._stopping:
                 return
@@ -320,7 +320,7 @@ class Scheduler:
             max_new = self._max_new(request)
             evicted = self._make_room(request, max_new, slot) if slot is not None else None
             if slot is None or evicted is None:
-                if self._drop_running_drafts(plan):
+                if self._pause_running_drafts(plan):
                     continue  # their sequences and cells are free now: try again
                 return
             with self._lock:
@@ -336,18 +336,22 @@ class Scheduler:
     def _admit_drafts(self, plan: StepPlan) -> None:
         """Drafts, once no request waits, as requests are admitted (an idle sequence, saved
         already, may be evicted for one), but never at a running request's expense. A draft
-        that cannot be read now is dropped: a newer one follows as the user writes on."""
+        that does not fit now waits for room (running requests ending, idle sequences
+        saved) until a newer draft or its message replaces it (cancelled): the page sends
+        a newer one only once the user writes on, and the sooner a paste is read the better.
+        The engine refuses drafts that could never fit (longer than a sequence)."""
+        waiting: list[Request] = []
         while True:
             with self._lock:
                 if self._waiting or not self._drafts:
-                    return
+                    break
                 request = self._drafts.popleft()
             if request.cancelled.is_set():
                 continue
             slot = self._choose_slot(request)
             evicted = self._make_room(request, 0, slot) if slot is not None else None
             if slot is None or evicted is None:
-                self._count_draft(dropped=1)
+                waiting.append(request)
                 continue
             for victim in evicted:
                 self._evict(victim, plan)
@@ -356,12 +360,17 @@ class Scheduler:
             except Exception as exc:
                 logger.exception("admitting a draft failed")
                 self._fail_admission(request, slot, exc)
+        with self._lock:
+            self._drafts.extendleft(reversed(waiting))
 
-    def _drop_running_drafts(self, plan: StepPlan) -> bool:
-        """A request needs what drafts hold: stop them, keeping what they computed."""
+    def _pause_running_drafts(self, plan: StepPlan) -> bool:
+        """A request needs what drafts hold: they stop, what they read kept in their
+        sequences, and wait to go on (``_admit_drafts``) where they got."""
         drafts = [p for p in self._running if p.request.draft]
         for progress in drafts:
-            self._release(progress, plan, save=False)
+            self._release(progress, plan, save=False, paused=True)
+        with self._lock:
+            self._drafts.extendleft(reversed([p.request for p in drafts]))
         return bool(drafts)
 
     def _count_draft(self, **counts: int) -> None:
@@ -811,12 +820,16 @@ class Scheduler:
             self._count_draft(prefilled=1)
         self._release(progress, self._pending, save=True)
 
-    def _release(self, progress: Progress, plan: StepPlan, *, save: bool) -> None:
-        """End the request's stream and leave its sequence resident and idle, its state to
-        be saved at the start of ``plan``'s step."""
+    def _release(
+        self, progress: Progress, plan: StepPlan, *, save: bool, paused: bool = False
+    ) -> None:
+        """End the request's stream (unless ``paused``, a draft to go on later) and leave
+        its sequence resident and idle, its state to be saved at the start of ``plan``'s
+        step."""
         with self._lock:
             self._running.remove(progress)
-        progress.request.emit(None)
+        if not paused:
+            progress.request.emit(None)
         plan.released.append(progress)
         slot = progress.slot
         slot.progress = None
@@ -824,7 +837,7 @@ class Scheduler:
         if progress.phase is Phase.SIDE:
             progress.request.cancelled.set()  # the side reader stops reading it
         if progress.request.draft:
-            if progress.prompt_left:
+            if progress.prompt_left and not paused:
                 self._count_draft(dropped=1)
             return  # saved only when evicted: the next draft may replace it first
         if save and progress.request.answers and progress.phase is not Phase.RESTORING:
