@@ -2,7 +2,8 @@
 users compose their messages as people do, and the server reads what they write before they
 press Enter (drafts, ``PUT .../draft``).
 
-C users compose at once, each in a conversation of their own:
+C users compose at once, each in conversations of their own, one after another until
+there have been ``--pastes`` long pastes (with one user composing, that many conversations):
 
 - round 1, a long paste: a document of about ``--document-tokens`` tokens pasted at once,
   then a short question typed over 3 to 6 s;
@@ -258,14 +259,16 @@ def play(
     server: Chatbot | LlamaServer,
     *,
     composers: int,
+    conversations: int = 1,
     rounds: int,
     answer_tokens: int,
     document: Callable[[int], str],
     chars_per_s: float = CHARS_PER_S,
     seed: int = 1,
 ) -> tuple[list[Composed], list[Reply], float]:
-    """C users composing and S others reading answers, all at once; (what the composers
-    sent, the others' answers while anyone composed, wall seconds)."""
+    """C users composing, each in ``conversations`` conversations one after another, and S
+    others reading answers, all at once; (what the composers sent, the others' answers while
+    anyone composed, wall seconds). ``document(n)``: the n-th document pasted."""
     composed: list[Composed] = []
     others: list[Reply] = []
     lock = threading.Lock()
@@ -279,32 +282,36 @@ def play(
         return server.client(user, target)
 
     def write_and_send(user: int) -> None:
-        history: list[Message] = []
         try:
             with connect(user) as http:
-                server.begin(http, user)
                 start.wait()
-                turns = messages_of(user, rounds, document(user), seed, chars_per_s)
-                for kind, keys in turns:
-                    text, drafts = compose(keys, partial(server.draft, http, user))
-                    answer = server.ask(http, user, history, text, answer_tokens)
-                    reply = answer.reply
-                    with lock:
-                        composed.append(
-                            Composed(
-                                user,
-                                kind,
-                                reply.ttft_ms,
-                                reply.prompt_tokens,
-                                reply.cached_tokens,
-                                answer.draft_tokens,
-                                drafts,
-                            )
-                        )
-                    time.sleep(random.Random(seed + user).uniform(1.0, 2.0))  # reading it
+                for n in range(conversations):
+                    compose_conversation(http, user, document(user * conversations + n), n)
         except BaseException as exc:
             failures.append(exc)
             raise
+
+    def compose_conversation(http: httpx.Client, user: int, pasted: str, n: int) -> None:
+        history: list[Message] = []
+        server.begin(http, user)
+        turns = messages_of(user, rounds, pasted, seed + n, chars_per_s)
+        for kind, keys in turns:
+            text, drafts = compose(keys, partial(server.draft, http, user))
+            answer = server.ask(http, user, history, text, answer_tokens)
+            reply = answer.reply
+            with lock:
+                composed.append(
+                    Composed(
+                        user,
+                        kind,
+                        reply.ttft_ms,
+                        reply.prompt_tokens,
+                        reply.cached_tokens,
+                        answer.draft_tokens,
+                        drafts,
+                    )
+                )
+            time.sleep(random.Random(seed + user).uniform(1.0, 2.0))  # reading it
 
     def read_answers(user: int) -> None:
         history: list[Message] = []
@@ -375,7 +382,7 @@ def command(
         str, typer.Option(help="Users composing at once, comma-separated: one run per value.")
     ] = "1,8",
     rounds: Annotated[
-        int, typer.Option(help="Messages per composing user: a long paste, then follow-ups.")
+        int, typer.Option(help="Messages per conversation: a long paste, then follow-ups.")
     ] = 4,
     document_tokens: Annotated[int, typer.Option(help="Tokens of the pasted document.")] = 1500,
     answer_tokens: AnswerTokens = 32,
@@ -383,6 +390,13 @@ def command(
         Path | None,
         typer.Option("--llama-server", help="A llama-server binary; default: built from the pin."),
     ] = None,
+    pastes: Annotated[
+        int,
+        typer.Option(
+            help="Long pastes per server at least: each user composing pastes in as many "
+            "conversations, one after another, as it takes."
+        ),
+    ] = 6,
     peers: Annotated[bool, typer.Option(help="Also run llama-server.")] = True,
     typing_speed: Annotated[
         float, typer.Option(help="Characters a second users type (a quick check: more).")
@@ -394,15 +408,16 @@ def command(
     prompts = Prompts(model_path())
     documents: dict[int, str] = {}
 
-    def document(user: int) -> str:
-        if user not in documents:
-            documents[user] = long_message(prompts, document_tokens, seed=100 + user)
-        return documents[user]
+    def document(n: int) -> str:
+        if n not in documents:
+            documents[n] = long_message(prompts, document_tokens, seed=100 + n)
+        return documents[n]
 
     settings: dict[str, Any] = {
         "users_composing": users,
         "others_streaming": STREAMING_USERS,
         "rounds": rounds,
+        "pastes": pastes,
         "document_tokens": document_tokens,
         "answer_tokens": answer_tokens,
         "typing_chars_per_s": typing_speed,
@@ -433,6 +448,7 @@ def command(
                     target,
                     server,
                     composers=count,
+                    conversations=-(-pastes // count),
                     rounds=rounds,
                     answer_tokens=answer_tokens,
                     document=document,
