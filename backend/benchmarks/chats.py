@@ -155,9 +155,18 @@ def take_turns(
 
 
 def play(
-    target: Target, ask: Ask, *, users: int, rounds: int, answer_tokens: int, seed: int = 1
+    target: Target,
+    ask: Ask,
+    *,
+    users: int,
+    rounds: int,
+    answer_tokens: int,
+    conversations: int = 1,
+    seed: int = 1,
 ) -> tuple[list[Row], float]:
-    """Every user's conversation at once, each on its own thread; (turns, wall seconds)."""
+    """Every user's conversations at once, each user on its own thread going through
+    ``conversations`` of them one after another, each with a note of its own; (turns, wall
+    seconds)."""
     turns: list[Row] = []
     lock = threading.Lock()
     start = threading.Barrier(users)
@@ -165,17 +174,19 @@ def play(
 
     def converse(user: int) -> None:
         rng = random.Random(seed * 1000 + user)
-        messages = [ChatMessage(role="system", content=SYSTEM_PROMPT)]
         try:
             with httpx.Client(base_url=target.url, timeout=600) as http:
                 start.wait()
-                for r in range(1, rounds + 1):
-                    messages.append(ChatMessage(role="user", content=turn(user, r)))
-                    reply = ask(http, user, messages, answer_tokens)
-                    messages.append(ChatMessage(role="assistant", content=reply.text))
-                    with lock:
-                        turns.append(Row.of(user, r, reply))
-                    time.sleep(rng.uniform(1.0, 3.0))
+                for c in range(conversations):
+                    writer = user + c * users  # whose note and questions: new each time
+                    messages = [ChatMessage(role="system", content=SYSTEM_PROMPT)]
+                    for r in range(1, rounds + 1):
+                        messages.append(ChatMessage(role="user", content=turn(writer, r)))
+                        reply = ask(http, user, messages, answer_tokens)
+                        messages.append(ChatMessage(role="assistant", content=reply.text))
+                        with lock:
+                            turns.append(Row.of(user, r, reply))
+                        time.sleep(rng.uniform(1.0, 3.0))
         except BaseException as exc:
             failures.append(exc)
             raise

@@ -60,7 +60,16 @@ UsersAtOnce = Annotated[
 
 def command(
     users: UsersAtOnce = None,
-    rounds: Annotated[int, typer.Option(help="Turns per user: a note, then follow-ups.")] = 4,
+    rounds: Annotated[
+        int, typer.Option(help="Turns per conversation: a note, then follow-ups.")
+    ] = 4,
+    follow_ups: Annotated[
+        int,
+        typer.Option(
+            help="Follow-ups per run at least: with few users, each has as many "
+            "conversations, one after another, as it takes (users at once only)."
+        ),
+    ] = 24,
     answer_tokens: AnswerTokens = 32,
     interleaved: Annotated[
         bool,
@@ -88,12 +97,15 @@ def command(
     neighbours = [False, True] if busy_neighbour else [False]
     if workload == Workload.long_prompt:
         return _long_prompt(counts, answer_tokens, prompt_tokens, binary, prompts, neighbours)
-    return _chat(counts, rounds, answer_tokens, interleaved, binary, prompts, neighbours)
+    return _chat(
+        counts, rounds, follow_ups, answer_tokens, interleaved, binary, prompts, neighbours
+    )
 
 
 def _chat(
     counts: list[int],
     rounds: int,
+    follow_ups: int,
     answer_tokens: int,
     interleaved: bool,
     binary: Path,
@@ -105,6 +117,7 @@ def _chat(
     settings: dict[str, Any] = {
         "users": ",".join(map(str, counts)),
         "rounds": rounds,
+        "follow_ups_at_least": "-" if interleaved else follow_ups,
         "answer_tokens": answer_tokens,
         "interleaved": interleaved,
         "think_s": "none" if interleaved else "1-3",
@@ -115,8 +128,12 @@ def _chat(
     result, lines = header(f"{title}: the embedded engine against llama-server", settings)
     body: list[list[object]] = []
     runs: list[dict[str, Any]] = []
-    game = chats.take_turns if interleaved else chats.play
     for count in counts:
+        if interleaved:
+            game = chats.take_turns
+        else:
+            conversations = -(-follow_ups // (count * max(1, rounds - 1)))
+            game = partial(chats.play, conversations=conversations)
         ours_parallel = [parallel] if interleaved else [1, parallel]
         targets = dict(_ours(p, count, answer_tokens) for p in dict.fromkeys(ours_parallel))
         # With one slot, llama-server consults its RAM cache only when the slot would keep
