@@ -1,6 +1,13 @@
 """A long prompt read beside the answers by a second llama.cpp context (``batching/side.py``)
 on the real model: its answer is the one the shared context gives when it reads the prompt
-itself, and so is the answer that streams meanwhile."""
+itself, and so is the answer that streams meanwhile.
+
+The two read the prompt in different chunks (the side reader in 512-token ones, the shared
+context in chunks its cost model sizes from measured step times), and llama.cpp's CPU kernels
+round a little differently by chunk: a question whose greedy answer is a near tie between two
+tokens (which day shipped the most parcels) was answered differently in one full test run. So the
+question asks for a fact stated once in the report, which a state that lost or garbled its
+text could not give, and whose first tokens are no near tie."""
 
 from __future__ import annotations
 
@@ -13,12 +20,14 @@ from chatbot.kvcache import KVCache
 from chatbot.models.domain import BatchStats, ChatMessage
 from tests.integration.test_batching import SYSTEM, ask
 
-REPORT = " ".join(
+DAYS = [
     f"On day {day} the team shipped {day * 3} parcels from depot {day % 7} and logged "
     f"{day * 11 % 40} returns, most of them from the northern route."
     for day in range(1, 101)
-)
-QUESTION = REPORT + "\n\nOn which day were the most parcels shipped?"
+]
+FACT = "The depot manager is called Margaret Holloway."
+REPORT = " ".join([*DAYS[:50], FACT, *DAYS[50:]])
+QUESTION = REPORT + "\n\nWhat is the depot manager called?"
 STREAMING = SamplingParams(max_tokens=400, temperature=0.0, top_p=1.0)
 COUNT = (
     "Write the numbers from one to two hundred in words, separated by commas, on one line: "
@@ -86,6 +95,7 @@ def test_a_long_prompt_read_beside_the_answers_gets_the_same_answer(model_path: 
     beside, bob_beside, stats = asyncio.run(run(side_read=True))
     in_place, bob_in_place, in_place_stats = asyncio.run(run(side_read=False))
     # Greedy: the same answers, wherever Alice's prompt was read.
+    assert "Holloway" in in_place
     assert beside == in_place
     assert bob_beside == bob_in_place
     # The side reader read all of it but the public prefix and the last token.
