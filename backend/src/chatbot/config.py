@@ -204,7 +204,8 @@ class Settings(BaseSettings):
         default=2,
         ge=0,
         le=10,
-        description="Retries of a request the server did not take (unreachable, 502-504), "
+        description="Retries of a request the server did not take (unreachable, 502-504, "
+        "a router's 500 that could not reach its replica), "
         "never of one whose answer has started.",
     )
 

@@ -148,6 +148,23 @@ async def test_retries_end_in_a_503() -> None:
     assert len(transport.requests) == 3
 
 
+async def test_a_router_that_could_not_reach_its_replica_is_retried() -> None:
+    unsent = httpx.Response(
+        500, text="Request failed: error sending request for url (http://10.0.0.7:8000/v1)"
+    )
+    transport = VLLMReplay(lambda _: unsent, ok(ANSWER))
+    events = await run(transport)
+    assert isinstance(events[-1], Finished)
+    assert len(transport.requests) == 2
+
+
+async def test_any_other_500_is_ours_to_fix_and_not_retried() -> None:
+    transport = VLLMReplay(status(500, "internal server error"))
+    with pytest.raises(EngineFailure):
+        await run(transport)
+    assert len(transport.requests) == 1
+
+
 @pytest.mark.parametrize(
     ("reply", "error", "retry_after"),
     [

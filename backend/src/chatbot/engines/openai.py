@@ -60,6 +60,10 @@ SERVER_STOPS = 4
 OpenAI's."""
 
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
+UNSENT = "error sending request"
+"""What vllm-router's 500 says when it could not send a request to the replica it chose (one
+that is down until its health check takes it off the ring, about a second): the request never
+ran, so it is a 502 in all but its number, and retried as one."""
 LONGEST_RETRY_WAIT_S = 1.0
 """Our client waits while we retry: a server that asks for a longer pause is not retried,
 its ``Retry-After`` is passed on instead."""
@@ -355,7 +359,7 @@ def _refusal(response: httpx.Response) -> Exception:
     status = response.status_code
     message = _error_message(response)
     retry_after = _retry_after(response)
-    if status in RETRYABLE_STATUSES:
+    if status in RETRYABLE_STATUSES or (status == 500 and UNSENT in message.lower()):
         error = ServiceUnavailable(
             f"the model server answered {status}: {message}",
             code="engine_unavailable",
