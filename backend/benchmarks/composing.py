@@ -23,6 +23,7 @@ tokens computed, used by a message, and wasted.
 from __future__ import annotations
 
 import json
+import math
 import random
 import tempfile
 import threading
@@ -448,7 +449,7 @@ def command(
                     target,
                     server,
                     composers=count,
-                    conversations=-(-pastes // count),
+                    conversations=math.ceil(pastes / count),
                     rounds=rounds,
                     answer_tokens=answer_tokens,
                     document=document,

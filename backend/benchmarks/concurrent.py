@@ -13,6 +13,7 @@ engine with one sequence and with the default ``CHATBOT_PARALLEL`` against llama
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -132,7 +133,7 @@ def _chat(
         if interleaved:
             game = chats.take_turns
         else:
-            conversations = -(-follow_ups // (count * max(1, rounds - 1)))
+            conversations = math.ceil(follow_ups / (count * max(1, rounds - 1)))
             game = partial(chats.play, conversations=conversations)
         ours_parallel = [parallel] if interleaved else [1, parallel]
         targets = dict(_ours(p, count, answer_tokens) for p in dict.fromkeys(ours_parallel))

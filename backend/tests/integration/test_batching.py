@@ -41,19 +41,27 @@ GIB = 1024**3
 
 
 def engine(
-    model_path: Path, *, parallel: int, kv_cache: KVCache | None, queue_size: int = 8
+    model_path: Path,
+    *,
+    parallel: int,
+    kv_cache: KVCache | None,
+    queue_size: int = 8,
+    context_tokens: int = 2048,
+    pool_tokens: int = 8192,
+    side_read: bool = True,
 ) -> EmbeddedEngine:
     return EmbeddedEngine(
         model_path,
         model_id="test",
-        context_tokens=2048,
+        context_tokens=context_tokens,
         batch_tokens=256,
         threads=2,
         parallel=parallel,
-        pool_tokens=8192,
+        pool_tokens=pool_tokens,
         queue_size=queue_size,
         few_shot=True,
         kv_cache=kv_cache,
+        side_read=side_read,
     )
 
 

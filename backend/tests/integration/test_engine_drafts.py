@@ -11,10 +11,9 @@ from chatbot.engines.base import (
     DraftStatus,
     GenerationRequest,
 )
-from chatbot.engines.embedded import EmbeddedEngine, state_namespace
-from chatbot.kvcache import KVCache
+from chatbot.engines.embedded import EmbeddedEngine
 from chatbot.models.domain import ChatMessage, Usage
-from tests.integration.test_batching import GREEDY_16, SYSTEM, ask
+from tests.integration.test_batching import GREEDY_16, SYSTEM, ask, engine, ram_cache
 from tests.waiting import wait_until
 
 DOCUMENT = (
@@ -26,20 +25,8 @@ DOCUMENT = (
 MESSAGE = DOCUMENT + "Where did we eat on Monday?"
 
 
-def engine(model_path: Path) -> EmbeddedEngine:
-    cache = KVCache(namespace=state_namespace(model_path), chunk_tokens=64, ram_bytes=1024**3)
-    return EmbeddedEngine(
-        model_path,
-        model_id="test",
-        context_tokens=2048,
-        batch_tokens=256,
-        threads=2,
-        parallel=4,
-        pool_tokens=8192,
-        queue_size=4,
-        few_shot=True,
-        kv_cache=cache,
-    )
+def drafts_engine(model_path: Path) -> EmbeddedEngine:
+    return engine(model_path, parallel=4, kv_cache=ram_cache(model_path), queue_size=4)
 
 
 def request(text: str, user: str, session: str) -> GenerationRequest:
@@ -71,7 +58,7 @@ async def drafted(running: EmbeddedEngine, text: str, user: str, session: str) -
 
 def test_a_draft_is_what_the_message_finds_and_the_answer_is_the_same(model_path: Path) -> None:
     async def run() -> None:
-        running = engine(model_path)
+        running = drafts_engine(model_path)
         await running.start()
         try:
             cold_text, cold = await answer(running, MESSAGE, "alice", "conv-a")
@@ -93,7 +80,7 @@ def test_a_draft_is_what_the_message_finds_and_the_answer_is_the_same(model_path
 
 def test_a_draft_never_serves_another_user(model_path: Path) -> None:
     async def run() -> None:
-        running = engine(model_path)
+        running = drafts_engine(model_path)
         await running.start()
         try:
             # What any user shares with another: the public preamble.
@@ -113,7 +100,7 @@ def test_a_draft_never_serves_another_user(model_path: Path) -> None:
 
 def test_a_newer_draft_computes_only_what_changed(model_path: Path) -> None:
     async def run() -> None:
-        running = engine(model_path)
+        running = drafts_engine(model_path)
         await running.start()
         try:
             await drafted(running, DOCUMENT, "alice", "conv-a")

@@ -15,10 +15,9 @@ import asyncio
 from pathlib import Path
 
 from chatbot.engines.base import Finished, GenerationRequest, SamplingParams, TokenDelta
-from chatbot.engines.embedded import EmbeddedEngine, state_namespace
-from chatbot.kvcache import KVCache
+from chatbot.engines.embedded import EmbeddedEngine
 from chatbot.models.domain import BatchStats, ChatMessage
-from tests.integration.test_batching import SYSTEM, ask
+from tests.integration.test_batching import SYSTEM, ask, engine, ram_cache
 
 DAYS = [
     f"On day {day} the team shipped {day * 3} parcels from depot {day % 7} and logged "
@@ -35,18 +34,14 @@ COUNT = (
 )
 
 
-def engine(model_path: Path, *, side_read: bool) -> EmbeddedEngine:
-    return EmbeddedEngine(
+def side_read_engine(model_path: Path, *, side_read: bool) -> EmbeddedEngine:
+    return engine(
         model_path,
-        model_id="test",
-        context_tokens=8192,
-        batch_tokens=256,
-        threads=2,
         parallel=2,
-        pool_tokens=16384,
+        kv_cache=ram_cache(model_path),
         queue_size=4,
-        few_shot=True,
-        kv_cache=KVCache(namespace=state_namespace(model_path), chunk_tokens=64, ram_bytes=2**30),
+        context_tokens=8192,
+        pool_tokens=16384,
         side_read=side_read,
     )
 
@@ -84,7 +79,7 @@ async def beside_a_stream(running: EmbeddedEngine) -> tuple[str, str, BatchStats
 
 def test_a_long_prompt_read_beside_the_answers_gets_the_same_answer(model_path: Path) -> None:
     async def run(side_read: bool) -> tuple[str, str, BatchStats]:
-        running = engine(model_path, side_read=side_read)
+        running = side_read_engine(model_path, side_read=side_read)
         await running.start()
         await running.warm((SYSTEM,))
         try:

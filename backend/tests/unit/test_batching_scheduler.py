@@ -733,12 +733,18 @@ def test_a_long_read_waits_while_a_reader_waits_for_an_answers_first_text() -> N
     assert plan.predicted_s > SHORT_STEP_SHARE * BOUND_S
 
 
-def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() -> None:
-    side = SideReader()
+def bob_answering(side: SideReader) -> tuple[Scheduler, Client]:
+    """Bob's answer streaming, a side reader at hand."""
     s = make(sequences=3, batch=512, side=side)
     bob = Client(prompt(BOB, 1), max_tokens=1000)
     s.submit(bob.request)
     step(s)
+    return s, bob
+
+
+def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() -> None:
+    side = SideReader()
+    s, bob = bob_answering(side)
     long = Client(prompt(ALICE, length=1500))
     s.submit(long.request)
     for _ in range(5):
@@ -765,9 +771,7 @@ def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() 
 def read_beside_bob() -> tuple[Scheduler, SideReader, Client]:
     """Bob answering, and Alice's long prompt handed to the side reader."""
     side = SideReader()
-    s = make(sequences=3, batch=512, side=side)
-    s.submit(Client(prompt(BOB, 1), max_tokens=1000).request)
-    step(s)
+    s, _ = bob_answering(side)
     long = Client(prompt(ALICE, length=1500))
     s.submit(long.request)
     step(s)
@@ -819,10 +823,7 @@ def test_a_state_llama_cpp_refuses_is_read_in_the_shared_context() -> None:
 
 def test_a_draft_is_never_read_beside_the_answers() -> None:
     side = SideReader()
-    s = make(sequences=3, batch=512, side=side)
-    bob = Client(prompt(BOB, 1), max_tokens=1000)
-    s.submit(bob.request)
-    step(s)
+    s, _ = bob_answering(side)
     draft = draft_of(prompt(ALICE, length=1500))
     s.submit_draft(draft.request)
     for _ in range(3):
