@@ -64,3 +64,69 @@ def test_only_public_messages_and_the_server_preamble_are_public() -> None:
     assert rendered.segments[0] == "Be brief.\n\nMine.\n\n"
     assert rendered.public_segments == 0
     assert chat_format.render(both, few_shot=True).segments == rendered.segments
+
+
+class CountingTokenizer:
+    """One token per character (its code point), special or not; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool]] = []
+
+    def __call__(self, text: str, *, special: bool = False) -> list[int]:
+        self.calls.append((text, special))
+        return [ord(c) + (100_000 if special else 0) for c in text]
+
+
+def test_a_segment_seen_before_is_not_tokenized_again_and_gives_the_same_tokens() -> None:
+    tokenizer = CountingTokenizer()
+    cached = chat_format.SegmentTokens(tokenizer)
+    turn_1 = [
+        ChatMessage(role="system", content="Be brief."),
+        ChatMessage(role="user", content="Hi"),
+    ]
+    turn_2 = [
+        *turn_1,
+        ChatMessage(role="assistant", content="Hello."),
+        ChatMessage(role="user", content="And?"),
+    ]
+    first = chat_format.render(turn_1, few_shot=True, public_messages=1)
+    second = chat_format.render(turn_2, few_shot=True, public_messages=1)
+
+    chat_format.prompt_tokens(first, bos=1, tokenize=cached)
+    tokenizer.calls.clear()
+    tokens = chat_format.prompt_tokens(second, bos=1, tokenize=cached)
+
+    assert tokens == chat_format.prompt_tokens(second, bos=1, tokenize=CountingTokenizer())
+    # Only what turn 1's prompt did not have: the answer and the new question.
+    assert sorted(text for text, _ in tokenizer.calls) == sorted(
+        set(second.segments) - set(first.segments)
+    )
+
+
+def test_the_same_text_as_markup_and_as_content_is_tokenized_apart() -> None:
+    tokenizer = CountingTokenizer()
+    cached = chat_format.SegmentTokens(tokenizer)
+    assert cached("<end>", special=True) != cached("<end>")
+    assert len(tokenizer.calls) == 2
+
+
+def test_the_least_recently_used_segments_go_first_and_huge_ones_are_not_kept() -> None:
+    tokenizer = CountingTokenizer()
+    cached = chat_format.SegmentTokens(tokenizer, max_chars=1000)
+    cached("a" * 250)
+    cached("b" * 250)
+    cached("a" * 250)  # a is now the more recent
+    cached("c" * 250)
+    cached("d" * 250)  # 1,000 characters kept
+    cached("e" * 250)  # over 1,000: b goes
+    tokenizer.calls.clear()
+    for text in ("a" * 250, "c" * 250, "d" * 250, "e" * 250):
+        cached(text)
+    assert tokenizer.calls == []
+    cached("b" * 250)
+    assert tokenizer.calls == [("b" * 250, False)]
+
+    tokenizer.calls.clear()
+    for _ in range(2):
+        cached("f" * 251)  # over a quarter of the limit: tokenized each time
+    assert len(tokenizer.calls) == 2

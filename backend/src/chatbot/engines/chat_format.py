@@ -25,6 +25,9 @@ text legitimately opens lines with direction marks. The stored messages keep the
 from __future__ import annotations
 
 import re
+import threading
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -153,6 +156,44 @@ def prompt_tokens(
         if i < rendered.public_segments:
             public_tokens = len(tokens)
     return tokens, public_tokens
+
+
+class SegmentTokens:
+    """A ``Tokenize`` that remembers each segment's tokens, least recently used out first,
+    up to ``max_chars`` characters of segments in all; thread-safe.
+
+    Prompts are tokenized segment by segment (``prompt_tokens``), so a segment's tokens never
+    depend on its neighbours, and most of a request's segments were seen before: the
+    server's preamble in every request, and every earlier message in each request of a
+    stateless client (OpenAI's API sends the whole conversation) and in each draft of a
+    message. Tokenizing them again cost 2.7 ms for a 1,000-token prompt on an idle 2-core
+    machine, about 5 ms beside a running step, all of it ahead of the first token."""
+
+    def __init__(self, tokenize: Tokenize, *, max_chars: int = 4_000_000) -> None:
+        self._tokenize = tokenize
+        self._max_chars = max_chars
+        self._chars = 0
+        self._tokens: OrderedDict[tuple[bool, str], array[int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str, *, special: bool = False) -> list[int]:
+        key = (special, text)
+        with self._lock:
+            known = self._tokens.get(key)
+            if known is not None:
+                self._tokens.move_to_end(key)
+                return known.tolist()
+        tokens = self._tokenize(text, special=special)
+        if len(text) > self._max_chars // 4:
+            return tokens  # one huge segment would push out most of the others
+        with self._lock:
+            if key not in self._tokens:
+                self._tokens[key] = array("i", tokens)
+                self._chars += len(text)
+                while self._chars > self._max_chars:
+                    (_, old), _ = self._tokens.popitem(last=False)
+                    self._chars -= len(old)
+        return tokens
 
 
 def prompt_text(rendered: RenderedPrompt) -> str:

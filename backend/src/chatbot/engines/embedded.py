@@ -147,6 +147,7 @@ class EmbeddedEngine(EngineBase):
         self._side: SideReader | None = None
         self._format: chat_template.PromptFormat | None = None
         self._template_check: chat_template.TemplateCheck | None = None
+        self._segment_tokens: chat_format.SegmentTokens | None = None
         self._context: LlamaContext | None = None
         self._scheduler: Scheduler | None = None
         self._drafts: dict[str, Request] = {}  # the conversation's draft being read
@@ -163,6 +164,7 @@ class EmbeddedEngine(EngineBase):
             threads=threads,
         )
         self._format, self._template_check = self._prompt_format(self._context)
+        self._segment_tokens = chat_format.SegmentTokens(self._context.tokenize)
         if self._side_read and threads >= 2:
             self._side = await asyncio.to_thread(
                 SideReader, self._context, self._model_path, context_tokens=self._context_tokens
@@ -317,8 +319,9 @@ class EmbeddedEngine(EngineBase):
 
     def tokenize(self, prompt: chat_format.RenderedPrompt) -> tuple[list[int], int]:
         """The prompt's tokens, and how many of them are public material."""
-        context = self.context
-        return chat_format.prompt_tokens(prompt, bos=context.bos(), tokenize=context.tokenize)
+        context, tokenize = self.context, self._segment_tokens
+        assert tokenize is not None  # made with the context
+        return chat_format.prompt_tokens(prompt, bos=context.bos(), tokenize=tokenize)
 
     def prompt_key(self, request: GenerationRequest) -> PromptKey:
         prompt = self.formatter.render(request.messages, public_messages=request.public_messages)
