@@ -401,6 +401,34 @@ def test_a_question_that_would_hold_the_answers_past_the_bound_waits_one_step() 
     assert plan.predicted_s <= BOUND_S
 
 
+def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
+    s = make(sequences=4, batch=512)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)  # Bob answers from now on
+    carol = Client(prompt(CAROL, length=40))  # a question of 40 tokens
+    dave = Client(prompt(ALICE, 2, 3))  # a message of which two tokens are left to read
+    s.submit(carol.request)
+    s.submit(dave.request)
+    plan = step(s)
+    assert [c.progress.request for c in plan.chunks] == [bob.request, dave.request]
+    plan = step(s)  # Carol waits one answers' step, no more
+    assert carol.request in [c.progress.request for c in plan.chunks]
+
+
+def test_questions_of_about_the_same_cost_are_read_together() -> None:
+    s = make(sequences=4, batch=512)
+    bob = Client(prompt(BOB, 1), max_tokens=1000)
+    s.submit(bob.request)
+    step(s)
+    carol = Client(prompt(CAROL, length=12))
+    dave = Client(prompt(ALICE, length=10))
+    s.submit(carol.request)
+    s.submit(dave.request)
+    plan = step(s)
+    assert [c.progress.request for c in plan.chunks] == [bob.request, dave.request, carol.request]
+
+
 def test_text_held_at_a_possible_stop_counts_the_next_answers_step_in() -> None:
     s = make(sequences=3, batch=512)
     bob = Client(prompt(BOB, 1), max_tokens=1000, stops=Stops(("w9 w9 w9",)))

@@ -97,6 +97,8 @@ class Progress:
     """Of the tokens the sequence held for it at admission, those a draft had computed."""
     read_beside: bool = False
     """Handed to the side reader once: never again, whatever came of it."""
+    passed_over: bool = False
+    """A question left for the next answers' step, for a cheaper one: never twice."""
 
     @property
     def prompt_left(self) -> int:

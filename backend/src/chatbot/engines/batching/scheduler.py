@@ -8,7 +8,8 @@ Each step is one ``llama_decode``. While some answers are streaming and some pro
 being read, steps alternate:
 
 1. an answers' step: the next token of every answer, and the questions about to be
-   answered (a few cheap tokens), read whole;
+   answered (a few cheap tokens), read whole, cheapest first (a message its draft has read
+   does not wait for another user's question of thirty tokens);
 2. a reads' step: chunks of the longer prompts, shortest rest first (a follow-up of a few
    dozen tokens is not read behind another user's pasted document).
 
@@ -89,6 +90,10 @@ QUESTION_SHARE = 0.5
 """A prompt about to be answered whose rest costs at most this share of the bound is a
 question, read whole beside the answers; a longer rest (a long prompt's last words deep in
 the context) is read in reads' steps like the rest of it."""
+
+PASS_OVER = 2.0
+"""A question that would add more than this many times what the cheaper questions of the
+answers' step add is read in the next one: questions of about the same cost go together."""
 
 ALONE_FACTOR = 4
 """A prompt alone on the engine may take steps this many times the bound: nobody waits on
@@ -586,11 +591,16 @@ class Scheduler:
 
     def _is_question(self, progress: Progress) -> bool:
         """A prompt about to be answered, cheaply: read whole, in the answers' step."""
-        if not progress.request.answers:
-            return False
+        return (
+            progress.request.answers
+            and self._question_cost(progress) <= QUESTION_SHARE * self.step_bound_s
+        )
+
+    def _question_cost(self, progress: Progress) -> float:
+        """The rest of the prompt and its first token, in a step alone."""
         rest = StepShape()
         rest.add(len(progress.slot.tokens), progress.prompt_left, outputs=1)
-        return self.cost.predict(rest) <= QUESTION_SHARE * self.step_bound_s
+        return self.cost.predict(rest)
 
     @staticmethod
     def _reader_waits(questions: list[Progress], decoding: list[Progress]) -> bool:
@@ -642,11 +652,19 @@ class Scheduler:
             plan.chunks.append(Chunk(progress, start, (progress.next_token,), True))
             shape.add(start, 1, outputs=1)
         plan.decode_tokens = len(plan.chunks)
-        for progress in questions:
+        asked_s = 0.0  # what the questions taken add to the step
+        for progress in sorted(questions, key=self._question_cost):
             start = len(progress.slot.tokens)
             tokens = progress.request.key.tokens[start:]
             with_question = replace(shape)
             with_question.add(start, len(tokens), outputs=1)
+            added_s = self.cost.predict(with_question) - self.cost.predict(shape)
+            # Cheapest first, and one that would add more than PASS_OVER times what those
+            # taken add waits for the next answers' step, once: a message its draft has
+            # read (a few tokens left) is not held up by another user's question of thirty.
+            if asked_s and added_s > PASS_OVER * asked_s and not progress.passed_over:
+                progress.passed_over = True
+                continue
             # The answers waited for the reads' step before: a question that would take them
             # past the bound is read in the next answers' step, which comes right after.
             if decoding and self._reads_step_s + self.cost.predict(with_question) > (
@@ -655,6 +673,7 @@ class Scheduler:
                 continue
             plan.chunks.append(Chunk(progress, start, tokens, True))
             shape = with_question
+            asked_s += added_s
         self._reads_step_s = 0.0
         now = time.monotonic()
         if decoding:
