@@ -401,11 +401,17 @@ def test_a_question_that_would_hold_the_answers_past_the_bound_waits_one_step() 
     assert plan.predicted_s <= BOUND_S
 
 
-def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
-    s = make(sequences=4, batch=512)
+def bob_answering(side: SideReader | None = None) -> tuple[Scheduler, Client]:
+    """Bob's answer streaming (three sequences), a side reader at hand if given."""
+    s = make(sequences=3, batch=512, side=side)
     bob = Client(prompt(BOB, 1), max_tokens=1000)
     s.submit(bob.request)
-    step(s)  # Bob answers from now on
+    step(s)
+    return s, bob
+
+
+def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
+    s, bob = bob_answering()
     carol = Client(prompt(CAROL, length=40))  # a question of 40 tokens
     dave = Client(prompt(ALICE, 2, 3))  # a message of which two tokens are left to read
     s.submit(carol.request)
@@ -417,10 +423,7 @@ def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
 
 
 def test_questions_of_about_the_same_cost_are_read_together() -> None:
-    s = make(sequences=4, batch=512)
-    bob = Client(prompt(BOB, 1), max_tokens=1000)
-    s.submit(bob.request)
-    step(s)
+    s, bob = bob_answering()
     carol = Client(prompt(CAROL, length=12))
     dave = Client(prompt(ALICE, length=10))
     s.submit(carol.request)
@@ -759,15 +762,6 @@ def test_a_long_read_waits_while_a_reader_waits_for_an_answers_first_text() -> N
     plan = step(s)
     assert reads(plan)
     assert plan.predicted_s > SHORT_STEP_SHARE * BOUND_S
-
-
-def bob_answering(side: SideReader) -> tuple[Scheduler, Client]:
-    """Bob's answer streaming, a side reader at hand."""
-    s = make(sequences=3, batch=512, side=side)
-    bob = Client(prompt(BOB, 1), max_tokens=1000)
-    s.submit(bob.request)
-    step(s)
-    return s, bob
 
 
 def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() -> None:
