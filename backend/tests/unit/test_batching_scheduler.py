@@ -17,6 +17,7 @@ from chatbot.engines.batching.requests import Phase, Progress, Request
 from chatbot.engines.batching.scheduler import (
     ALONE_AFTER_S,
     ALONE_FACTOR,
+    FIRST_SHARE,
     MIN_CHUNK,
     READS_DEFERRED,
     SHORT_STEP_SHARE,
@@ -410,10 +411,45 @@ def bob_answering(side: SideReader | None = None) -> tuple[Scheduler, Client]:
     return s, bob
 
 
-def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
+def test_a_question_its_draft_has_read_goes_first_in_a_step_of_its_own() -> None:
     s, bob = bob_answering()
     carol = Client(prompt(CAROL, length=40))  # a question of 40 tokens
     dave = Client(prompt(ALICE, 2, 3))  # a message of which two tokens are left to read
+    s.submit(carol.request)
+    s.submit(dave.request)
+    first = step(s)
+    assert [c.progress.request for c in first.chunks] == [dave.request]
+    assert first.predicted_s <= FIRST_SHARE * BOUND_S
+    answers = step(s)  # then the answers, Dave's among them; Carol's prompt after
+    assert [c.progress.request for c in answers.chunks] == [bob.request, dave.request]
+    assert carol.request in [c.progress.request for c in step(s).chunks]
+    # Bob waited for Dave's step and his own: both within the bound.
+    assert first.predicted_s + answers.predicted_s <= BOUND_S
+
+
+def test_questions_first_never_hold_the_answers_two_steps_in_a_row() -> None:
+    s, bob = bob_answering()
+    carol = Client(prompt(CAROL, 1))
+    s.submit(carol.request)
+    assert [c.progress.request for c in step(s).chunks] == [carol.request]
+    dave = Client(prompt(ALICE, 2))
+    s.submit(dave.request)
+    plan = step(s)
+    assert [c.progress.request for c in plan.chunks] == [bob.request, carol.request, dave.request]
+
+
+def test_a_question_too_dear_for_a_step_of_its_own_is_read_beside_the_answers() -> None:
+    s, bob = bob_answering()
+    carol = Client(prompt(CAROL, length=16))
+    s.submit(carol.request)
+    plan = step(s)
+    assert [c.progress.request for c in plan.chunks] == [bob.request, carol.request]
+
+
+def test_a_question_not_cheap_enough_to_go_first_is_not_held_up_by_a_dearer_one() -> None:
+    s, bob = bob_answering()
+    carol = Client(prompt(CAROL, length=40))  # a question of 40 tokens
+    dave = Client(prompt(ALICE, length=14))  # one of 14: too dear for a step of its own
     s.submit(carol.request)
     s.submit(dave.request)
     plan = step(s)
@@ -424,8 +460,8 @@ def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
 
 def test_questions_of_about_the_same_cost_are_read_together() -> None:
     s, bob = bob_answering()
-    carol = Client(prompt(CAROL, length=12))
-    dave = Client(prompt(ALICE, length=10))
+    carol = Client(prompt(CAROL, length=16))
+    dave = Client(prompt(ALICE, length=14))
     s.submit(carol.request)
     s.submit(dave.request)
     plan = step(s)
@@ -665,6 +701,8 @@ def test_drafts_wait_for_requests_and_get_only_what_they_leave() -> None:
     short = Client(prompt(CAROL, 1, 2))
     s.submit(short.request)
     plan = step(s)
+    assert [c.progress.request for c in plan.chunks] == [short.request]  # first, alone
+    plan = step(s)
     requests = [c.progress.request for c in plan.chunks]
     assert requests[:2] == [streaming.request, short.request]  # the draft comes last
     for _ in range(5):
@@ -782,11 +820,8 @@ def test_a_long_prompt_arriving_while_others_are_answered_is_read_beside_them() 
     assert handoff.progress.request is long.request
     assert handoff.tokens == upto
     assert s.stats().side_read_tokens == upto - len(PUBLIC)  # the public prefix was shared
-    # Its last token, cheap, is read beside Bob's in the same step: the answer starts.
-    assert [(c.progress.request, len(c.tokens)) for c in plan.chunks] == [
-        (bob.request, 1),
-        (long.request, 1),
-    ]
+    # Its last token, cheap, is read in a step of its own: the answer starts.
+    assert [(c.progress.request, len(c.tokens)) for c in plan.chunks] == [(long.request, 1)]
     assert long.text
 
 
