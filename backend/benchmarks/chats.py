@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,26 @@ def chatbot_asker(target: Target) -> Ask:
     return ask
 
 
+@contextmanager
+def _post_streamed(
+    client: httpx.Client, path: str, body: dict[str, Any]
+) -> Iterator[httpx.Response]:
+    """``body`` POSTed to ``path``, its response streamed. llama-server at times closes a
+    kept-alive connection as a request goes out on it (two typing runs ended on httpx's
+    "Server disconnected without sending a response", its other clients unharmed): as a
+    browser would, a request that got no response at all goes once more, on a new
+    connection. An error once the response has begun is not retried."""
+    try:
+        response = client.send(client.build_request("POST", path, json=body), stream=True)
+    except httpx.RemoteProtocolError as exc:
+        print(f"  {path}: {exc}; sent again on a new connection", file=sys.stderr)
+        response = client.send(client.build_request("POST", path, json=body), stream=True)
+    try:
+        yield response
+    finally:
+        response.close()
+
+
 def llama_server_asker(prompts: Prompts) -> Ask:
     def ask(client: httpx.Client, user: int, messages: list[ChatMessage], n: int) -> Reply:
         body = {
@@ -103,7 +125,7 @@ def llama_server_asker(prompts: Prompts) -> Ask:
         parts: list[str] = []
         arrivals: list[float] = []
         final: dict[str, Any] = {}
-        with client.stream("POST", "/completion", json=body) as response:
+        with _post_streamed(client, "/completion", body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"{response.status_code}: {response.read().decode()}")
             for event in parse_sse(response.iter_lines()):
