@@ -14,7 +14,7 @@ being read, steps alternate:
    dozen tokens is not read behind another user's pasted document).
 
 Questions that cost little alone (a message its draft has read: a few tokens left) go
-before the answers' step, in a step of their own: the answers wait that small step once.
+before the answers' step, in a step of their own (``FIRST_SHARE``).
 
 Both together may cost at most ``step_bound_s``, predicted by ``StepCostModel`` from their
 tokens and positions: a long prompt's chunks shrink as it advances into the context, and
@@ -98,8 +98,9 @@ FIRST_SHARE = 0.25
 """Questions whose step alone costs at most this share of the bound (a message its draft has
 read: a few tokens left) are read in a step of their own before the answers' next token.
 Their readers wait one small step instead of one beside the answers (in a typing run's step
-log, a drafted message's 8 tokens beside two answers took 52 ms, alone they cost about 33),
-and the answers' next token waits that small step once, within the bound."""
+log, a drafted message's 8 tokens beside two answers took 52 ms, alone they cost about 33);
+the answers, which beside them would have waited for those tokens too, lose the second
+step's fixed cost, and both steps stay within the bound."""
 
 PASS_OVER = 2.0
 """A question that would add more than this many times what the cheaper questions of the
