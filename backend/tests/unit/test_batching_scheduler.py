@@ -17,7 +17,6 @@ from chatbot.engines.batching.requests import Phase, Progress, Request
 from chatbot.engines.batching.scheduler import (
     ALONE_AFTER_S,
     ALONE_FACTOR,
-    FIRST_SHARE,
     MIN_CHUNK,
     READS_DEFERRED,
     SHORT_STEP_SHARE,
@@ -397,9 +396,11 @@ def test_a_question_that_would_hold_the_answers_past_the_bound_waits_one_step() 
     plan = step(s)
     # Bob waited for the reads' step: Carol's question read now would take him past it.
     assert [c.progress.request for c in plan.chunks] == [bob.request]
-    plan = step(s)
-    assert [c.progress.request for c in plan.chunks] == [bob.request, carol.request]
-    assert plan.predicted_s <= BOUND_S
+    questions = step(s)
+    assert [c.progress.request for c in questions.chunks] == [carol.request]
+    answers = step(s)
+    assert [c.progress.request for c in answers.chunks] == [bob.request, carol.request]
+    assert questions.predicted_s + answers.predicted_s <= BOUND_S
 
 
 def bob_answering(side: SideReader | None = None) -> tuple[Scheduler, Client]:
@@ -411,20 +412,16 @@ def bob_answering(side: SideReader | None = None) -> tuple[Scheduler, Client]:
     return s, bob
 
 
-def test_a_question_its_draft_has_read_goes_first_in_a_step_of_its_own() -> None:
+def test_questions_are_read_in_a_step_of_their_own_before_the_answers() -> None:
     s, bob = bob_answering()
-    carol = Client(prompt(CAROL, length=40))  # a question of 40 tokens
-    dave = Client(prompt(ALICE, 2, 3))  # a message of which two tokens are left to read
+    carol = Client(prompt(CAROL, length=16))
     s.submit(carol.request)
-    s.submit(dave.request)
-    first = step(s)
-    assert [c.progress.request for c in first.chunks] == [dave.request]
-    assert first.predicted_s <= FIRST_SHARE * BOUND_S
-    answers = step(s)  # then the answers, Dave's among them; Carol's prompt after
-    assert [c.progress.request for c in answers.chunks] == [bob.request, dave.request]
-    assert carol.request in [c.progress.request for c in step(s).chunks]
-    # Bob waited for Dave's step and his own: both within the bound.
-    assert first.predicted_s + answers.predicted_s <= BOUND_S
+    questions = step(s)
+    assert [c.progress.request for c in questions.chunks] == [carol.request]
+    answers = step(s)
+    assert [c.progress.request for c in answers.chunks] == [bob.request, carol.request]
+    # Bob waited for Carol's step and his own: both within the bound.
+    assert questions.predicted_s + answers.predicted_s <= BOUND_S
 
 
 def test_questions_first_never_hold_the_answers_two_steps_in_a_row() -> None:
@@ -438,34 +435,26 @@ def test_questions_first_never_hold_the_answers_two_steps_in_a_row() -> None:
     assert [c.progress.request for c in plan.chunks] == [bob.request, carol.request, dave.request]
 
 
-def test_a_question_too_dear_for_a_step_of_its_own_is_read_beside_the_answers() -> None:
+def test_a_question_its_draft_has_read_is_not_held_up_by_a_dearer_one() -> None:
     s, bob = bob_answering()
-    carol = Client(prompt(CAROL, length=16))
-    s.submit(carol.request)
-    plan = step(s)
-    assert [c.progress.request for c in plan.chunks] == [bob.request, carol.request]
-
-
-def test_a_question_not_cheap_enough_to_go_first_is_not_held_up_by_a_dearer_one() -> None:
-    s, bob = bob_answering()
-    carol = Client(prompt(CAROL, length=40))  # a question of 40 tokens
-    dave = Client(prompt(ALICE, length=14))  # one of 14: too dear for a step of its own
+    carol = Client(prompt(CAROL, length=30))  # a question of 30 tokens
+    dave = Client(prompt(ALICE, 2, 3))  # a message of which two tokens are left to read
     s.submit(carol.request)
     s.submit(dave.request)
     plan = step(s)
-    assert [c.progress.request for c in plan.chunks] == [bob.request, dave.request]
-    plan = step(s)  # Carol waits one answers' step, no more
-    assert carol.request in [c.progress.request for c in plan.chunks]
+    assert [c.progress.request for c in plan.chunks] == [dave.request]
+    plan = step(s)  # Carol waits one step, no more
+    assert [c.progress.request for c in plan.chunks] == [bob.request, dave.request, carol.request]
 
 
 def test_questions_of_about_the_same_cost_are_read_together() -> None:
-    s, bob = bob_answering()
+    s, _ = bob_answering()
     carol = Client(prompt(CAROL, length=16))
     dave = Client(prompt(ALICE, length=14))
     s.submit(carol.request)
     s.submit(dave.request)
     plan = step(s)
-    assert [c.progress.request for c in plan.chunks] == [bob.request, dave.request, carol.request]
+    assert [c.progress.request for c in plan.chunks] == [dave.request, carol.request]
 
 
 def test_text_held_at_a_possible_stop_counts_the_next_answers_step_in() -> None:
