@@ -123,8 +123,8 @@ class Settings(BaseSettings):
         default=150,
         ge=10,
         le=10000,
-        description="The most an answers' step of the embedded engine and the reads' step "
-        "after it may cost together, predicted from their tokens and positions: a long prompt "
+        description="The most the embedded engine's questions', answers' and reads' steps of "
+        "one turn may cost together, predicted from their tokens and positions: a long prompt "
         "is read in chunks that fit, so that others' next tokens never wait longer. A prompt "
         "alone on the engine may take steps of four times it.",
     )
