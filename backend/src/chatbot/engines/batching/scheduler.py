@@ -5,7 +5,7 @@ and what the results mean. Shaped as vLLM v1's scheduler: ``schedule()`` returns
 policy is tested with a fake vocabulary and hand-made outputs.
 
 Each step is one ``llama_decode``. While some answers are streaming and some prompts are
-being read, steps alternate:
+being read, steps go in turn:
 
 1. a questions' step: the questions about to be answered (a few cheap tokens each), read
    whole, cheapest first (a message its draft has read does not wait for another user's
@@ -96,7 +96,7 @@ another never stop a long read."""
 
 QUESTION_SHARE = 0.5
 """A prompt about to be answered whose rest costs at most this share of the bound is a
-question, read whole beside the answers; a longer rest (a long prompt's last words deep in
+question, read whole in a questions' step; a longer rest (a long prompt's last words deep in
 the context) is read in reads' steps like the rest of it."""
 
 PASS_OVER = 2.0
@@ -198,7 +198,7 @@ class Scheduler:
         self._pending = StepPlan()  # what the last update left for the next step to carry out
         self._answers_steps = 0  # answers' steps since the last reads' step
         self._answers_step_s = 0.0  # the last answers' step, predicted
-        self._reads_step_s = 0.0  # the reads' step just planned, predicted; 0 after another
+        self._reads_step_s = 0.0  # steps planned since the last answers' step, predicted
         self._questions_step = False  # the step just planned was questions' of their own
         self._others_served_at = -ALONE_AFTER_S  # a step served more than one request
         self._lock = threading.Condition()
@@ -599,7 +599,7 @@ class Scheduler:
         return victims is not None
 
     def _is_question(self, progress: Progress) -> bool:
-        """A prompt about to be answered, cheaply: read whole, in the answers' step."""
+        """A prompt about to be answered, cheaply: read whole, in a questions' step."""
         return (
             progress.request.answers
             and self._question_cost(progress) <= QUESTION_SHARE * self.step_bound_s
